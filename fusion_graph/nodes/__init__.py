@@ -1,0 +1,1 @@
+"""The steps of a run: generate (and critique) candidates, then fuse or select."""

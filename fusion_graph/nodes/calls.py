@@ -1,0 +1,167 @@
+"""How one run calls models and functions: retries, timeouts, a concurrency bound, and
+the bridge between the sync and async APIs.
+
+There is one orchestration, written with asyncio. The async API runs it on the caller's
+event loop and calls models with ``ainvoke``. The sync API runs the same coroutine on a
+private event loop and calls models with ``invoke`` on a thread pool of our own, sized for
+the fan-out (the default pools hold ``cpu_count + 4`` threads: six on a 2-core machine, too
+few for N=8 parallel candidates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from langgraph.types import RetryPolicy
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_none,
+    wait_random,
+)
+
+T = TypeVar("T")
+
+# Shared by every sync run: threads are made lazily and reused, so a run of N candidates
+# does not pay for N thread starts. Large, because blocked model calls hold threads.
+_EXECUTOR = ThreadPoolExecutor(max_workers=512, thread_name_prefix="fusion-graph")
+
+
+def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from sync code, with the caller's context.
+
+    Uses ``asyncio.run`` in this thread, or, when this thread already runs an event loop
+    (sync API called from async code), a helper thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    ctx = contextvars.copy_context()
+    return _EXECUTOR.submit(ctx.run, asyncio.run, make()).result()
+
+
+def _retry_predicate(policy: RetryPolicy) -> Callable[[BaseException], bool]:
+    retry_on = policy.retry_on
+
+    def predicate(exc: BaseException) -> bool:
+        if not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, TimeoutError):  # our own per-attempt timeout: always retryable
+            return True
+        if isinstance(retry_on, type):
+            return isinstance(exc, retry_on)
+        if isinstance(retry_on, Sequence):
+            return isinstance(exc, tuple(retry_on))
+        return bool(retry_on(exc))
+
+    return predicate
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult(Generic[T]):
+    """The outcome of one call with its retries: a value or the last error."""
+
+    value: T | None
+    error: Exception | None
+    attempts: int
+    latency_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Caller:
+    """Calls models and functions for one run."""
+
+    sync: bool
+    """Sync API: prefer ``invoke`` on our thread pool. Async API: prefer ``ainvoke``."""
+    timeout: float | None = None
+    """Per-attempt timeout in seconds."""
+    retry: RetryPolicy | None = None
+    """Retries with backoff (run with tenacity); ``None`` makes a single attempt."""
+    semaphore: asyncio.Semaphore | None = None
+    """Bounds calls in flight; held per attempt, not while backing off."""
+
+    async def call(
+        self,
+        sync_fn: Callable[[], T] | None,
+        async_fn: Callable[[], Awaitable[T]] | None,
+    ) -> CallResult[T]:
+        """Call ``sync_fn`` or ``async_fn`` (whichever suits the mode and exists), with the
+        retry policy, per-attempt timeout and concurrency bound. Never raises an
+        ``Exception``: the last error is returned in the result."""
+        start = time.perf_counter()
+        attempts = 0
+
+        async def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            if self.semaphore is None:
+                return await self._once(sync_fn, async_fn)
+            async with self.semaphore:
+                return await self._once(sync_fn, async_fn)
+
+        try:
+            if self.retry is None or self.retry.max_attempts <= 1:
+                value = await attempt()
+            else:
+                value = await self._retrying()(attempt)
+        except Exception as exc:  # recorded, not raised: a failed call is data
+            return CallResult(None, exc, attempts, time.perf_counter() - start)
+        return CallResult(value, None, attempts, time.perf_counter() - start)
+
+    def _retrying(self) -> AsyncRetrying:
+        policy = self.retry
+        assert policy is not None
+        jitter = wait_random(0, policy.initial_interval) if policy.jitter else wait_none()
+        return AsyncRetrying(
+            stop=stop_after_attempt(policy.max_attempts),
+            wait=wait_exponential(
+                multiplier=policy.initial_interval,
+                exp_base=policy.backoff_factor,
+                max=policy.max_interval,
+            )
+            + jitter,
+            retry=retry_if_exception(_retry_predicate(policy)),
+            reraise=True,
+        )
+
+    async def _once(
+        self,
+        sync_fn: Callable[[], T] | None,
+        async_fn: Callable[[], Awaitable[T]] | None,
+    ) -> T:
+        use_async = async_fn is not None and (not self.sync or sync_fn is None)
+        if use_async:
+            assert async_fn is not None
+            awaitable: Awaitable[T] = async_fn()
+        else:
+            assert sync_fn is not None
+            ctx = contextvars.copy_context()
+            loop = asyncio.get_running_loop()
+            awaitable = loop.run_in_executor(_EXECUTOR, ctx.run, sync_fn)
+        if self.timeout is None:
+            return await awaitable
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await awaitable
+        except TimeoutError:
+            msg = f"call did not finish within {self.timeout:g} s"
+            raise TimeoutError(msg) from None
+
+    async def call_function(self, fn: Callable[..., Any], *args: Any) -> CallResult[Any]:
+        """Call a plain function, sync or async (a coroutine function is awaited; a sync one
+        runs on the thread pool so it cannot block the event loop)."""
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+        ):
+            return await self.call(None, lambda: fn(*args))
+        return await self.call(lambda: fn(*args), None)

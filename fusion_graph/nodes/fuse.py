@@ -1,0 +1,57 @@
+"""Fan-in by fusion (FusioN): a fusor model reads the conversation and every successful
+candidate (with its critiques) and writes one answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import patch_config
+
+from fusion_graph.nodes.calls import Caller, CallResult
+from fusion_graph.nodes.generate import ROLE_KEY, _check_reply
+from fusion_graph.prompts import PromptTemplate, build_fusion_messages
+from fusion_graph.state import Candidate
+
+
+def fusor_config(config: RunnableConfig) -> RunnableConfig:
+    """The fusor's config: unlike candidates, it streams in LangGraph's ``messages`` mode."""
+    child = patch_config(config, run_name="fusor")
+    child["metadata"] = {**child.get("metadata", {}), ROLE_KEY: "fusor"}
+    return child
+
+
+async def call_fusor(
+    fusor: Runnable[Any, Any],
+    template: PromptTemplate,
+    conversation: Sequence[BaseMessage],
+    candidates: Sequence[Candidate],
+    config: RunnableConfig,
+    caller: Caller,
+) -> tuple[AIMessage | None, CallResult[Any]]:
+    """Ask the fusor for the fused answer; ``(None, result)`` when it failed or its reply
+    was empty (the result then carries the error)."""
+    messages = build_fusion_messages(template, conversation, candidates)
+    child = fusor_config(config)
+
+    def check(reply: Any) -> AIMessage:
+        message = AIMessage(content=reply) if isinstance(reply, str) else reply
+        if not isinstance(message, AIMessage):
+            msg = f"the fusor returned {type(reply).__name__}, expected an AIMessage"
+            raise TypeError(msg)
+        return _check_reply(message)
+
+    result = await caller.call(
+        lambda: check(fusor.invoke(messages, child)),
+        _acheck(fusor, messages, child, check),
+    )
+    return (result.value if result.error is None else None), result
+
+
+def _acheck(fusor: Runnable[Any, Any], messages: list[BaseMessage], config: RunnableConfig, check: Any) -> Any:
+    async def call() -> AIMessage:
+        return check(await fusor.ainvoke(messages, config))  # type: ignore[no-any-return]
+
+    return call

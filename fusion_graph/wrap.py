@@ -1,0 +1,287 @@
+"""``fusion_of_n`` and ``best_of_n``: wrap a model, any Runnable, or a LangGraph node so
+that one call becomes N parallel candidates and one fused or selected answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, overload
+
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
+from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import ensure_config
+from langgraph.types import RetryPolicy
+
+from fusion_graph.engine import FusionEngine, RunResult, build_engine
+from fusion_graph.nodes.calls import run_sync
+from fusion_graph.nodes.select import Selector
+from fusion_graph.prompts import CRITIQUE_PROMPT, FUSION_PROMPT, PromptTemplate, message_text
+
+FusionResult = RunResult
+"""What :meth:`FusionRunnable.run` returns: the answer, every candidate, the decision."""
+
+
+def to_messages(value: Any) -> list[BaseMessage]:
+    """The conversation in a model input (str, messages, prompt value); raises
+    ``ValueError`` for an empty prompt."""
+    if isinstance(value, PromptValue):
+        messages = value.to_messages()
+    elif isinstance(value, str):
+        messages = [HumanMessage(value)]
+    elif isinstance(value, BaseMessage):
+        messages = [value]
+    elif isinstance(value, Sequence):
+        messages = convert_to_messages(value)
+    else:
+        msg = f"expected a string, messages or a prompt value, got {type(value).__name__}"
+        raise TypeError(msg)
+    if not any(
+        message_text(m).strip() or (isinstance(m, AIMessage) and m.tool_calls) for m in messages
+    ):
+        msg = "the prompt is empty: give the model a question or some messages"
+        raise ValueError(msg)
+    return messages
+
+
+def state_messages(state: Any) -> list[BaseMessage]:
+    """``messages`` of a graph state (dict, pydantic model or dataclass)."""
+    messages = state.get("messages") if isinstance(state, Mapping) else getattr(state, "messages", None)
+    if messages is None:
+        msg = "the state has no 'messages': wrapped nodes need a MessagesState-like state"
+        raise ValueError(msg)
+    return to_messages(list(messages))
+
+
+class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
+    """A Runnable with the wrapped model's contract (``messages | str -> AIMessage``) that
+    answers with N candidates fused or selected. Made by :func:`fusion_of_n` /
+    :func:`best_of_n`; ``invoke``, ``ainvoke``, ``batch`` and ``stream`` work as usual.
+    :meth:`run` / :meth:`arun` also return the candidates and the decision."""
+
+    def __init__(self, engine: FusionEngine) -> None:
+        self.engine = engine
+        self.name = "FusionOfN" if engine.strategy == "fusion" else "BestOfN"
+
+    @property
+    def InputType(self) -> Any:  # noqa: N802 - Runnable's API
+        return LanguageModelInput
+
+    @property
+    def OutputType(self) -> type[AIMessage]:  # noqa: N802
+        return AIMessage
+
+    def _run(self, value: LanguageModelInput, config: RunnableConfig) -> RunResult:
+        conversation = to_messages(value)
+        return run_sync(lambda: self.engine.run(value, conversation, config, sync=True))
+
+    async def _arun(self, value: LanguageModelInput, config: RunnableConfig) -> RunResult:
+        conversation = to_messages(value)
+        return await self.engine.run(value, conversation, config, sync=False)
+
+    def run(self, value: LanguageModelInput, config: RunnableConfig | None = None) -> RunResult:
+        """Like ``invoke``, but returns the whole :class:`FusionResult`."""
+        return self._call_with_config(self._run, value, ensure_config(config), run_type="chain")
+
+    async def arun(
+        self, value: LanguageModelInput, config: RunnableConfig | None = None
+    ) -> RunResult:
+        """Like ``ainvoke``, but returns the whole :class:`FusionResult`."""
+        return await self._acall_with_config(self._arun, value, ensure_config(config), run_type="chain")
+
+    def invoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        return self.run(input, config).message
+
+    async def ainvoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        return (await self.arun(input, config)).message
+
+
+class FusionNode(Runnable[Any, dict[str, Any]]):
+    """A LangGraph node with the wrapped node's contract (``state -> partial update``).
+
+    The update is the wrapped node's own update (the winner's, or for a fusion the first
+    successful candidate's), with its last ``AIMessage`` replaced by the final answer.
+    """
+
+    def __init__(self, engine: FusionEngine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+        self.__name__ = name
+
+    def _update(self, result: RunResult) -> dict[str, Any]:
+        update = dict(result.update or {})
+        messages = update.get("messages")
+        items = list(messages) if isinstance(messages, Sequence) else [messages]
+        for i in range(len(items) - 1, -1, -1):
+            if isinstance(items[i], AIMessage):
+                items[i] = result.message
+                break
+        else:
+            items = [result.message]
+        update["messages"] = items
+        return update
+
+    def _run(self, state: Any, config: RunnableConfig) -> dict[str, Any]:
+        conversation = state_messages(state)
+        result = run_sync(lambda: self.engine.run(state, conversation, config, sync=True))
+        return self._update(result)
+
+    async def _arun(self, state: Any, config: RunnableConfig) -> dict[str, Any]:
+        conversation = state_messages(state)
+        return self._update(await self.engine.run(state, conversation, config, sync=False))
+
+    def invoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        return self._call_with_config(self._run, input, ensure_config(config), run_type="chain")
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        return await self._acall_with_config(self._arun, input, ensure_config(config), run_type="chain")
+
+    def __call__(self, state: Any, config: RunnableConfig | None = None) -> dict[str, Any]:
+        """Call it like the node it wraps."""
+        return self.invoke(state, config)
+
+
+def _wrap(engine: FusionEngine, step: Any) -> FusionRunnable | FusionNode:
+    if engine.is_node:
+        first = step[0] if isinstance(step, list | tuple) else step
+        prefix = "fusion_of_n" if engine.strategy == "fusion" else "best_of_n"
+        return FusionNode(engine, f"{prefix}({getattr(first, '__name__', 'node')})")
+    return FusionRunnable(engine)
+
+
+@overload
+def fusion_of_n(
+    step: Runnable[Any, Any] | Sequence[Runnable[Any, Any]], **kwargs: Any
+) -> FusionRunnable: ...
+@overload
+def fusion_of_n(step: Any, **kwargs: Any) -> FusionRunnable | FusionNode: ...
+def fusion_of_n(
+    step: Any,
+    *,
+    n: int,
+    fusor: Runnable[Any, Any],
+    critic: Runnable[Any, Any] | None = None,
+    min_candidates: int | None = None,
+    max_concurrency: int | None = None,
+    timeout: float | None = None,
+    retry: RetryPolicy | None = None,
+    fallback: Selector | None | Literal["default"] = "default",
+    seed: int | None = None,
+    temperature: float | None = None,
+    prompt: PromptTemplate = FUSION_PROMPT,
+    critique_prompt: PromptTemplate = CRITIQUE_PROMPT,
+) -> FusionRunnable | FusionNode:
+    """Fusion-of-N: N candidates in parallel, then a fusor writes one answer from all.
+
+    Args:
+        step: What to run N times: a chat model or any Runnable (``messages | str ->
+            AIMessage``), or a LangGraph node function (``state[, config] -> update``,
+            sync or async). A list makes a pool: candidate ``i`` uses ``step[i % len]``.
+        n: How many candidates (1 to 256).
+        fusor: The chat model that writes the final answer. Bind it to the same tools as
+            the step (``fusor=llm.bind_tools(tools)``) to let it answer with tool calls.
+        critic: Optional chat model that critiques each candidate (shown to the fusor).
+        min_candidates: Successful candidates needed to go on (default 1); below it,
+            :class:`~fusion_graph.errors.NotEnoughCandidatesError` carries every failure.
+        max_concurrency: Bound on model calls in flight (default: all N at once).
+        timeout: Per-attempt timeout of each call, in seconds.
+        retry: Retries with backoff for each call (a LangGraph ``RetryPolicy``); timeouts
+            are always retryable. Default: one attempt.
+        fallback: Selector used if the fusor still fails; its pick is the answer and the
+            decision says ``fallback=True``. Default :class:`MajorityVote`; ``None`` raises
+            :class:`~fusion_graph.errors.DecisionError` instead.
+        seed: Base sampling seed; candidate ``i`` gets ``seed + i`` on models with a
+            ``seed`` field. Default: a random base per run.
+        temperature: Sampling temperature for models with a ``temperature`` field.
+        prompt: The fusion prompt template.
+        critique_prompt: The critique prompt template.
+
+    Returns:
+        For a Runnable: a :class:`FusionRunnable` (same input and output). For a node
+        function: a :class:`FusionNode` to pass to ``StateGraph.add_node``.
+
+    Example:
+        >>> fused = fusion_of_n(llm, n=5, fusor=llm)  # doctest: +SKIP
+        >>> fused.invoke("Why is the sky blue?").content  # doctest: +SKIP
+    """
+    engine = build_engine(
+        step,
+        n=n,
+        strategy="fusion",
+        fusor=fusor,
+        critic=critic,
+        min_candidates=min_candidates,
+        max_concurrency=max_concurrency,
+        timeout=timeout,
+        retry=retry,
+        fallback=fallback,
+        seed=seed,
+        temperature=temperature,
+        fusion_prompt=prompt,
+        critique_prompt=critique_prompt,
+    )
+    return _wrap(engine, step)
+
+
+@overload
+def best_of_n(
+    step: Runnable[Any, Any] | Sequence[Runnable[Any, Any]], **kwargs: Any
+) -> FusionRunnable: ...
+@overload
+def best_of_n(step: Any, **kwargs: Any) -> FusionRunnable | FusionNode: ...
+def best_of_n(
+    step: Any,
+    *,
+    n: int,
+    selector: Any,
+    critic: Runnable[Any, Any] | None = None,
+    min_candidates: int | None = None,
+    max_concurrency: int | None = None,
+    timeout: float | None = None,
+    retry: RetryPolicy | None = None,
+    fallback: Selector | None | Literal["default"] = "default",
+    seed: int | None = None,
+    temperature: float | None = None,
+    critique_prompt: PromptTemplate = CRITIQUE_PROMPT,
+) -> FusionRunnable | FusionNode:
+    """Best-of-N: N candidates in parallel, then a selector picks one, unchanged (tool
+    calls included).
+
+    Args:
+        step: As for :func:`fusion_of_n`.
+        n: How many candidates (1 to 256).
+        selector: :class:`LLMJudge`, :class:`PairwiseJudge`, :class:`MajorityVote`, your
+            own :class:`Selector`, or a reward function ``(messages, candidate) -> float``
+            (sync or async; highest wins).
+        critic, min_candidates, max_concurrency, timeout, retry, seed, temperature,
+        critique_prompt: As for :func:`fusion_of_n`.
+        fallback: Selector used when the selector fails (e.g. a judge that answers
+            nonsense for every candidate). Default :class:`MajorityVote`; ``None`` raises.
+
+    Example:
+        >>> best = best_of_n(llm, n=5, selector=LLMJudge(judge))  # doctest: +SKIP
+    """
+    engine = build_engine(
+        step,
+        n=n,
+        strategy="best_of_n",
+        selector=selector,
+        critic=critic,
+        min_candidates=min_candidates,
+        max_concurrency=max_concurrency,
+        timeout=timeout,
+        retry=retry,
+        fallback=fallback,
+        seed=seed,
+        temperature=temperature,
+        critique_prompt=critique_prompt,
+    )
+    return _wrap(engine, step)
