@@ -150,13 +150,17 @@ class FusionEngine:
             if exc is None:
                 info = candidate.error
                 detail = f"{info.type}: {info.message}" if info else "no reply"
-                exc = RuntimeError(f"candidate {candidate.index} ({candidate.model}) failed: {detail}")
+                exc = RuntimeError(
+                    f"candidate {candidate.index} ({candidate.model}) failed: {detail}"
+                )
             errors.append(exc)
         msg = (
             f"{ok} of {len(candidates)} candidates succeeded, fewer than "
             f"min_candidates={self.min_candidates}"
         )
-        raise NotEnoughCandidatesError(msg, errors, candidates=candidates, required=self.min_candidates)
+        raise NotEnoughCandidatesError(
+            msg, errors, candidates=candidates, required=self.min_candidates
+        )
 
     async def decide(
         self,
@@ -171,7 +175,9 @@ class FusionEngine:
         fails, or raises :class:`DecisionError` when no fallback is configured."""
         ok = [c for c in sorted(candidates, key=lambda c: c.index) if c.ok]
         caller = self._caller(sync=sync, semaphore=self._semaphore())
-        context = SelectionContext(conversation=conversation, candidates=ok, config=config, caller=caller)
+        context = SelectionContext(
+            conversation=conversation, candidates=ok, config=config, caller=caller
+        )
         start = time.perf_counter()
         emit({"event": "decision_started", "strategy": self.strategy, "method": self.method})
         failure: Exception
@@ -320,7 +326,7 @@ def build_engine(
     max_concurrency: int | None = None,
     timeout: float | None = None,
     retry: RetryPolicy | None = None,
-    fallback: Selector | None | Literal["default"] = "default",
+    fallback: Selector | Literal["default"] | None = "default",
     seed: int | None = None,
     temperature: float | None = None,
     fusion_prompt: PromptTemplate = FUSION_PROMPT,

@@ -17,7 +17,7 @@ class FusionGraphError(Exception):
     """Base class of fusion-graph's runtime errors."""
 
 
-class NotEnoughCandidatesError(ExceptionGroup[Exception]):  # noqa: N818 - reads as a sentence
+class NotEnoughCandidatesError(ExceptionGroup[Exception]):
     """Fewer than ``min_candidates`` candidates succeeded.
 
     An ``ExceptionGroup`` whose ``exceptions`` are every failed candidate's error (in index
@@ -50,7 +50,7 @@ class NotEnoughCandidatesError(ExceptionGroup[Exception]):  # noqa: N818 - reads
     ) -> None:
         super().__init__(message, exceptions)
 
-    def derive(self, excs: Sequence[Exception]) -> NotEnoughCandidatesError:
+    def derive(self, excs: Sequence[Exception]) -> NotEnoughCandidatesError:  # type: ignore[override]
         return NotEnoughCandidatesError(
             self.message, excs, candidates=self.candidates, required=self.required
         )

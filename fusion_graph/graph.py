@@ -25,7 +25,9 @@ def _generate_node(engine: FusionEngine) -> Runnable[FusionState, dict[str, Any]
         conversation = state_messages(state)
         emit = stream_writer()
         outcomes = run_sync(
-            lambda: engine.generate(_source(engine, state), conversation, config, sync=True, emit=emit)
+            lambda: engine.generate(
+                _source(engine, state), conversation, config, sync=True, emit=emit
+            )
         )
         return {"candidates": [o.candidate for o in outcomes]}
 
@@ -73,7 +75,7 @@ def create_fusion_graph(
     max_concurrency: int | None = None,
     timeout: float | None = None,
     retry: RetryPolicy | None = None,
-    fallback: Selector | None | Literal["default"] = "default",
+    fallback: Selector | Literal["default"] | None = "default",
     seed: int | None = None,
     temperature: float | None = None,
     prompt: PromptTemplate = FUSION_PROMPT,
@@ -94,7 +96,9 @@ def create_fusion_graph(
         Others: as for :func:`~fusion_graph.fusion_of_n` / :func:`~fusion_graph.best_of_n`.
 
     Example:
-        >>> graph = create_fusion_graph(generator=llm, n=5, strategy="fusion", fusor=llm)  # doctest: +SKIP
+        >>> graph = create_fusion_graph(  # doctest: +SKIP
+        ...     generator=llm, n=5, strategy="fusion", fusor=llm
+        ... )
         >>> out = graph.compile().invoke({"messages": [("user", "Hi")]})  # doctest: +SKIP
         >>> out["messages"][-1], out["candidates"], out["decision"]  # doctest: +SKIP
     """

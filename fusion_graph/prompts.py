@@ -120,7 +120,7 @@ def message_text(message: BaseMessage) -> str:
 
 def _fence(tag: str, label: str, body: str) -> str:
     safe = body.replace(f"</{tag}>", f"<\\/{tag}>")
-    return f'<{tag} {label}>\n{safe}\n</{tag}>'
+    return f"<{tag} {label}>\n{safe}\n</{tag}>"
 
 
 def format_tool_calls(message: AIMessage) -> str:

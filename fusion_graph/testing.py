@@ -32,7 +32,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SkipValidation
 
 from fusion_graph.nodes.generate import INDEX_KEY, ROLE_KEY
 from fusion_graph.prompts import message_text
@@ -112,7 +112,7 @@ class FakeChatModel(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    replies: Sequence[Reply] | Callable[[FakeCall], Reply] = Field(default=("ok",))
+    replies: SkipValidation[Sequence[Reply] | Callable[[FakeCall], Reply]] = Field(default=("ok",))
     """The answers, by candidate index, or a function of the call."""
     delay: float = 0.0
     """Seconds per call."""
@@ -136,7 +136,9 @@ class FakeChatModel(BaseChatModel):
         names = [getattr(t, "name", getattr(t, "__name__", str(t))) for t in tools]
         return self.bind(tools=names, **kwargs)
 
-    def _call(self, messages: list[BaseMessage], run_manager: Any, kwargs: dict[str, Any]) -> FakeCall:
+    def _call(
+        self, messages: list[BaseMessage], run_manager: Any, kwargs: dict[str, Any]
+    ) -> FakeCall:
         metadata = getattr(run_manager, "metadata", None) or {}
         return FakeCall(
             messages=list(messages),

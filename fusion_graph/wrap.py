@@ -4,7 +4,7 @@ that one call becomes N parallel candidates and one fused or selected answer."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast
 
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
@@ -46,7 +46,9 @@ def to_messages(value: Any) -> list[BaseMessage]:
 
 def state_messages(state: Any) -> list[BaseMessage]:
     """``messages`` of a graph state (dict, pydantic model or dataclass)."""
-    messages = state.get("messages") if isinstance(state, Mapping) else getattr(state, "messages", None)
+    messages = (
+        state.get("messages") if isinstance(state, Mapping) else getattr(state, "messages", None)
+    )
     if messages is None:
         msg = "the state has no 'messages': wrapped nodes need a MessagesState-like state"
         raise ValueError(msg)
@@ -64,11 +66,11 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
         self.name = "FusionOfN" if engine.strategy == "fusion" else "BestOfN"
 
     @property
-    def InputType(self) -> Any:  # noqa: N802 - Runnable's API
+    def InputType(self) -> Any:
         return LanguageModelInput
 
     @property
-    def OutputType(self) -> type[AIMessage]:  # noqa: N802
+    def OutputType(self) -> type[AIMessage]:
         return AIMessage
 
     def _run(self, value: LanguageModelInput, config: RunnableConfig) -> RunResult:
@@ -81,13 +83,15 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
 
     def run(self, value: LanguageModelInput, config: RunnableConfig | None = None) -> RunResult:
         """Like ``invoke``, but returns the whole :class:`FusionResult`."""
-        return self._call_with_config(self._run, value, ensure_config(config), run_type="chain")
+        run = cast("Any", self._run)
+        return cast("RunResult", self._call_with_config(run, value, ensure_config(config)))
 
     async def arun(
         self, value: LanguageModelInput, config: RunnableConfig | None = None
     ) -> RunResult:
         """Like ``ainvoke``, but returns the whole :class:`FusionResult`."""
-        return await self._acall_with_config(self._arun, value, ensure_config(config), run_type="chain")
+        arun = cast("Any", self._arun)
+        return cast("RunResult", await self._acall_with_config(arun, value, ensure_config(config)))
 
     def invoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
@@ -137,12 +141,13 @@ class FusionNode(Runnable[Any, dict[str, Any]]):
     def invoke(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        return self._call_with_config(self._run, input, ensure_config(config), run_type="chain")
+        return self._call_with_config(cast("Any", self._run), input, ensure_config(config))
 
     async def ainvoke(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        return await self._acall_with_config(self._arun, input, ensure_config(config), run_type="chain")
+        arun = cast("Any", self._arun)
+        return await self._acall_with_config(arun, input, ensure_config(config))
 
     def __call__(self, state: Any, config: RunnableConfig | None = None) -> dict[str, Any]:
         """Call it like the node it wraps."""
@@ -157,12 +162,6 @@ def _wrap(engine: FusionEngine, step: Any) -> FusionRunnable | FusionNode:
     return FusionRunnable(engine)
 
 
-@overload
-def fusion_of_n(
-    step: Runnable[Any, Any] | Sequence[Runnable[Any, Any]], **kwargs: Any
-) -> FusionRunnable: ...
-@overload
-def fusion_of_n(step: Any, **kwargs: Any) -> FusionRunnable | FusionNode: ...
 def fusion_of_n(
     step: Any,
     *,
@@ -173,7 +172,7 @@ def fusion_of_n(
     max_concurrency: int | None = None,
     timeout: float | None = None,
     retry: RetryPolicy | None = None,
-    fallback: Selector | None | Literal["default"] = "default",
+    fallback: Selector | Literal["default"] | None = "default",
     seed: int | None = None,
     temperature: float | None = None,
     prompt: PromptTemplate = FUSION_PROMPT,
@@ -231,12 +230,6 @@ def fusion_of_n(
     return _wrap(engine, step)
 
 
-@overload
-def best_of_n(
-    step: Runnable[Any, Any] | Sequence[Runnable[Any, Any]], **kwargs: Any
-) -> FusionRunnable: ...
-@overload
-def best_of_n(step: Any, **kwargs: Any) -> FusionRunnable | FusionNode: ...
 def best_of_n(
     step: Any,
     *,
@@ -247,7 +240,7 @@ def best_of_n(
     max_concurrency: int | None = None,
     timeout: float | None = None,
     retry: RetryPolicy | None = None,
-    fallback: Selector | None | Literal["default"] = "default",
+    fallback: Selector | Literal["default"] | None = "default",
     seed: int | None = None,
     temperature: float | None = None,
     critique_prompt: PromptTemplate = CRITIQUE_PROMPT,

@@ -50,7 +50,9 @@ async def call_fusor(
     return (result.value if result.error is None else None), result
 
 
-def _acheck(fusor: Runnable[Any, Any], messages: list[BaseMessage], config: RunnableConfig, check: Any) -> Any:
+def _acheck(
+    fusor: Runnable[Any, Any], messages: list[BaseMessage], config: RunnableConfig, check: Any
+) -> Any:
     async def call() -> AIMessage:
         return check(await fusor.ainvoke(messages, config))  # type: ignore[no-any-return]
 

@@ -71,9 +71,7 @@ class Generator:
         if callable(target):
             params = inspect.signature(target).parameters
             positional = [
-                p
-                for p in params.values()
-                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ]
             takes_config = "config" in params or len(positional) >= 2
             is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
@@ -230,9 +228,7 @@ async def _candidate(job: CandidateJob, index: int) -> Outcome:
     seed = job.seed + index if job.seed is not None else None
     job.emit({"event": "candidate_started", "index": index, "model": generator.name})
     config = role_config(job.config, role="generator", run_name=f"candidate[{index}]", index=index)
-    sync_fn, async_fn = generator.calls(
-        job.source, config, seed=seed, temperature=job.temperature
-    )
+    sync_fn, async_fn = generator.calls(job.source, config, seed=seed, temperature=job.temperature)
     result: CallResult[Any] = await job.caller.call(sync_fn, async_fn)
     outcome = _to_outcome(generator, index, seed, result)
     if job.critic is not None and outcome.candidate.ok:
@@ -245,7 +241,9 @@ async def _candidate(job: CandidateJob, index: int) -> Outcome:
     return outcome
 
 
-def _to_outcome(generator: Generator, index: int, seed: int | None, result: CallResult[Any]) -> Outcome:
+def _to_outcome(
+    generator: Generator, index: int, seed: int | None, result: CallResult[Any]
+) -> Outcome:
     base = {
         "index": index,
         "model": generator.name,
@@ -302,7 +300,5 @@ def candidate_event(candidate: Candidate) -> dict[str, Any]:
         "latency_s": round(candidate.latency_s, 4),
         "output_tokens": usage.output_tokens if usage else None,
         "error": candidate.error.model_dump() if candidate.error else None,
-        "critique_score": next(
-            (c.score for c in candidate.critiques if c.score is not None), None
-        ),
+        "critique_score": next((c.score for c in candidate.critiques if c.score is not None), None),
     }

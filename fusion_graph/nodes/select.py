@@ -119,7 +119,10 @@ class RewardFunction(Selector):
 
     async def select(self, context: SelectionContext) -> Selection:
         results = await asyncio.gather(
-            *(context.caller.call_function(self.fn, context.conversation, c) for c in context.candidates)
+            *(
+                context.caller.call_function(self.fn, context.conversation, c)
+                for c in context.candidates
+            )
         )
         scores: dict[int, float] = {}
         for candidate, result in zip(context.candidates, results, strict=True):
@@ -220,7 +223,9 @@ class LLMJudge(Selector):
     ) -> tuple[float | None, str | None, Any]:
         messages = build_judge_messages(self.prompt, context.conversation, candidate)
         try:
-            reply = await context.ask(self._runnable, messages, run_name=f"judge[{candidate.index}]")
+            reply = await context.ask(
+                self._runnable, messages, run_name=f"judge[{candidate.index}]"
+            )
         except Exception:  # a failed judge call leaves this candidate unscored
             return None, None, None
         if self.structured and isinstance(reply, dict):
@@ -248,7 +253,9 @@ class LLMJudge(Selector):
             raise SelectorOutputError(msg)
         best = _best(scores)
         rationale = verdicts[[c.index for c in context.candidates].index(best)][1]
-        return Selection(index=best, score=scores[best], scores=scores, rationale=rationale, usage=usage)
+        return Selection(
+            index=best, score=scores[best], scores=scores, rationale=rationale, usage=usage
+        )
 
 
 # --- pairwise knockout -------------------------------------------------------------------
@@ -284,7 +291,9 @@ class PairwiseJudge(Selector):
     parallel; an odd candidate out gets a bye. A candidate's score is its matches won.
     """
 
-    def __init__(self, model: Runnable[Any, Any], *, prompt: PromptTemplate = PAIRWISE_PROMPT) -> None:
+    def __init__(
+        self, model: Runnable[Any, Any], *, prompt: PromptTemplate = PAIRWISE_PROMPT
+    ) -> None:
         if not isinstance(model, Runnable):
             msg = f"PairwiseJudge needs a chat model or Runnable, got {type(model).__name__}"
             raise TypeError(msg)
@@ -365,7 +374,8 @@ def final_answer(text: str) -> str:
 def tool_calls_key(message: AIMessage) -> str:
     """Tool calls normalised for voting: names and arguments, order and ids ignored."""
     calls = sorted(
-        json.dumps({"name": c["name"], "args": c["args"]}, sort_keys=True) for c in message.tool_calls
+        json.dumps({"name": c["name"], "args": c["args"]}, sort_keys=True)
+        for c in message.tool_calls
     )
     return "tool_calls:" + "|".join(calls)
 
@@ -412,7 +422,7 @@ def as_selector(selector: object) -> Selector:
         )
         raise TypeError(msg)
     if callable(selector):
-        return RewardFunction(selector)  # type: ignore[arg-type]
+        return RewardFunction(selector)
     msg = (
         "selector must be a Selector (LLMJudge, PairwiseJudge, MajorityVote) or a reward "
         f"function (messages, candidate) -> float, got {type(selector).__name__}"

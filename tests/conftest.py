@@ -1,0 +1,56 @@
+"""Shared fixtures. Every scenario that has a sync and an async form runs in both, from one
+body, through the ``mode`` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests talk to loopback only: any other address fails loudly."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: Any) -> Any:
+        host = address[0] if isinstance(address, tuple) else address
+        if (
+            isinstance(host, str)
+            and host not in ("127.0.0.1", "localhost", "::1")
+            and not (host.startswith("127.") or self.family == socket.AF_UNIX)
+        ):
+            raise RuntimeError(f"test tried to reach {address!r}: only loopback is allowed")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+class Mode:
+    """Runs a Runnable (or coroutine-returning call) the sync or the async way."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sync = name == "sync"
+
+    def invoke(self, runnable: Any, value: Any, config: Any = None) -> Any:
+        if self.sync:
+            return runnable.invoke(value, config)
+        return asyncio.run(runnable.ainvoke(value, config))
+
+    def run(self, runnable: Any, value: Any, config: Any = None) -> Any:
+        """``FusionRunnable.run`` / ``arun``: the full result."""
+        if self.sync:
+            return runnable.run(value, config)
+        return asyncio.run(runnable.arun(value, config))
+
+    def call(self, sync_fn: Callable[[], Any], async_fn: Callable[[], Any]) -> Any:
+        return sync_fn() if self.sync else asyncio.run(async_fn())
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> Mode:
+    return Mode(request.param)
