@@ -20,6 +20,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.types import RetryPolicy
 
 from fusion_graph.errors import DecisionError, NotEnoughCandidatesError
+from fusion_graph.hooks import Phase, RunInfo, RunReport, current_hooks
 from fusion_graph.nodes.calls import Caller
 from fusion_graph.nodes.fuse import call_fusor
 from fusion_graph.nodes.generate import (
@@ -174,12 +175,26 @@ class FusionEngine:
         """Phase 2: fuse or select. Falls back (and says so) when the fusor or selector
         fails, or raises :class:`DecisionError` when no fallback is configured."""
         ok = [c for c in sorted(candidates, key=lambda c: c.index) if c.ok]
+        emit({"event": "decision_started", "strategy": self.strategy, "method": self.method})
+        with current_hooks().decision(self.strategy, self.method, ok) as done:
+            message, decision = await self._decide(conversation, ok, config, sync=sync)
+            done(decision, message)
+        emit(_decision_event(decision))
+        return message, decision
+
+    async def _decide(
+        self,
+        conversation: Sequence[BaseMessage],
+        ok: list[Candidate],
+        config: RunnableConfig,
+        *,
+        sync: bool,
+    ) -> tuple[AIMessage, Decision]:
         caller = self._caller(sync=sync, semaphore=self._semaphore())
         context = SelectionContext(
             conversation=conversation, candidates=ok, config=config, caller=caller
         )
         start = time.perf_counter()
-        emit({"event": "decision_started", "strategy": self.strategy, "method": self.method})
         failure: Exception
         if self.strategy == "fusion":
             assert self.fusor is not None
@@ -194,7 +209,6 @@ class FusionEngine:
                     usage=TokenUsage.of(message),
                     latency_s=time.perf_counter() - start,
                 )
-                emit(_decision_event(decision))
                 return message, decision
             assert result.error is not None
             failure = result.error
@@ -216,13 +230,12 @@ class FusionEngine:
                     usage=selection.usage,
                     latency_s=time.perf_counter() - start,
                 )
-                emit(_decision_event(decision))
                 assert winner.message is not None
                 return winner.message, decision
-        return await self._fall_back(context, failure, start, emit=emit)
+        return await self._fall_back(context, failure, start)
 
     async def _fall_back(
-        self, context: SelectionContext, failure: Exception, start: float, *, emit: EventSink
+        self, context: SelectionContext, failure: Exception, start: float
     ) -> tuple[AIMessage, Decision]:
         if self.fallback is None:
             what = "fusor" if self.strategy == "fusion" else "selector"
@@ -245,7 +258,6 @@ class FusionEngine:
             usage=selection.usage,
             latency_s=time.perf_counter() - start,
         )
-        emit(_decision_event(decision))
         assert winner.message is not None
         return winner.message, decision
 
@@ -260,14 +272,65 @@ class FusionEngine:
     ) -> RunResult:
         """Both phases, as the wrapped Runnable and the wrapped node use them."""
         sink = emit or stream_writer()
-        outcomes = await self.generate(source, conversation, config, sync=sync, emit=sink)
-        candidates = [o.candidate for o in outcomes]
-        self.check_quorum(candidates, [o.exception for o in outcomes])
-        message, decision = await self.decide(
-            conversation, candidates, config, sync=sync, emit=sink
-        )
+        report = RunReport()
+        with current_hooks().run(self.run_info("run", conversation), report):
+            outcomes = await self.generate(source, conversation, config, sync=sync, emit=sink)
+            candidates = [o.candidate for o in outcomes]
+            report.candidates = candidates
+            self.check_quorum(candidates, [o.exception for o in outcomes])
+            message, decision = await self.decide(
+                conversation, candidates, config, sync=sync, emit=sink
+            )
+            report.decision, report.answer = decision, message
         base = _base_update(outcomes, decision)
         return RunResult(message=message, candidates=candidates, decision=decision, update=base)
+
+    async def generate_step(
+        self,
+        source: Any,
+        conversation: Sequence[BaseMessage],
+        config: RunnableConfig,
+        *,
+        sync: bool,
+    ) -> list[Candidate]:
+        """The subgraph's ``generate`` node."""
+        report = RunReport()
+        with current_hooks().run(self.run_info("generate", conversation), report):
+            outcomes = await self.generate(
+                source, conversation, config, sync=sync, emit=stream_writer()
+            )
+            report.candidates = [o.candidate for o in outcomes]
+        return list(report.candidates)
+
+    async def decide_step(
+        self,
+        conversation: Sequence[BaseMessage],
+        candidates: Sequence[Candidate],
+        config: RunnableConfig,
+        *,
+        sync: bool,
+    ) -> tuple[AIMessage, Decision]:
+        """The subgraph's ``fuse`` / ``select`` node (checks the quorum first)."""
+        report = RunReport(candidates=candidates)
+        with current_hooks().run(self.run_info("decide", conversation), report):
+            self.check_quorum(candidates)
+            message, decision = await self.decide(
+                conversation, candidates, config, sync=sync, emit=stream_writer()
+            )
+            report.decision, report.answer = decision, message
+        return message, decision
+
+    def run_info(self, phase: Phase, conversation: Sequence[BaseMessage]) -> RunInfo:
+        """What the hooks learn when a run (or a subgraph phase) starts."""
+        return RunInfo(
+            phase=phase,
+            strategy=self.strategy,
+            n=self.n,
+            min_candidates=self.min_candidates,
+            method=self.method,
+            models=tuple(g.name for g in self.generators),
+            conversation=conversation,
+        )
 
 
 def _winner(candidates: Sequence[Candidate], index: int) -> Candidate:

@@ -8,7 +8,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import RetryPolicy
 
-from fusion_graph.engine import FusionEngine, build_engine, stream_writer
+from fusion_graph.engine import FusionEngine, build_engine
 from fusion_graph.nodes.calls import run_sync
 from fusion_graph.nodes.select import Selector
 from fusion_graph.prompts import CRITIQUE_PROMPT, FUSION_PROMPT, PromptTemplate
@@ -23,41 +23,32 @@ def _source(engine: FusionEngine, state: FusionState) -> Any:
 def _generate_node(engine: FusionEngine) -> Runnable[FusionState, dict[str, Any]]:
     def generate(state: FusionState, config: RunnableConfig) -> dict[str, Any]:
         conversation = state_messages(state)
-        emit = stream_writer()
-        outcomes = run_sync(
-            lambda: engine.generate(
-                _source(engine, state), conversation, config, sync=True, emit=emit
+        source = _source(engine, state)
+        return {
+            "candidates": run_sync(
+                lambda: engine.generate_step(source, conversation, config, sync=True)
             )
-        )
-        return {"candidates": [o.candidate for o in outcomes]}
+        }
 
     async def agenerate(state: FusionState, config: RunnableConfig) -> dict[str, Any]:
         conversation = state_messages(state)
-        outcomes = await engine.generate(
-            _source(engine, state), conversation, config, sync=False, emit=stream_writer()
-        )
-        return {"candidates": [o.candidate for o in outcomes]}
+        source = _source(engine, state)
+        return {"candidates": await engine.generate_step(source, conversation, config, sync=False)}
 
     return RunnableLambda(generate, afunc=agenerate, name="generate")
 
 
 def _decide_node(engine: FusionEngine, name: str) -> Runnable[FusionState, dict[str, Any]]:
     def decide(state: FusionState, config: RunnableConfig) -> dict[str, Any]:
-        candidates = state["candidates"]
-        engine.check_quorum(candidates)
-        conversation = state_messages(state)
-        emit = stream_writer()
+        conversation, candidates = state_messages(state), state["candidates"]
         message, decision = run_sync(
-            lambda: engine.decide(conversation, candidates, config, sync=True, emit=emit)
+            lambda: engine.decide_step(conversation, candidates, config, sync=True)
         )
         return {"messages": [message], "decision": decision}
 
     async def adecide(state: FusionState, config: RunnableConfig) -> dict[str, Any]:
-        candidates = state["candidates"]
-        engine.check_quorum(candidates)
-        message, decision = await engine.decide(
-            state_messages(state), candidates, config, sync=False, emit=stream_writer()
-        )
+        conversation, candidates = state_messages(state), state["candidates"]
+        message, decision = await engine.decide_step(conversation, candidates, config, sync=False)
         return {"messages": [message], "decision": decision}
 
     return RunnableLambda(decide, afunc=adecide, name=name)

@@ -19,6 +19,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import patch_config, set_config_context
 from langgraph.constants import TAG_NOSTREAM
 
+from fusion_graph.hooks import CallInfo, current_hooks
 from fusion_graph.nodes.calls import Caller, CallResult
 from fusion_graph.prompts import PromptTemplate, build_critique_messages, message_text
 from fusion_graph.state import Candidate, Critique, ErrorInfo, TokenUsage
@@ -272,10 +273,17 @@ async def _critique(job: CandidateJob, candidate: Candidate) -> Critique:
     config = role_config(
         job.config, role="critic", run_name=f"critique[{candidate.index}]", index=candidate.index
     )
-    result = await job.critic_caller.call(
-        lambda: critic.invoke(messages, config), lambda: critic.ainvoke(messages, config)
-    )
     name = model_name(critic)
+    with current_hooks().critique(CallInfo(index=candidate.index, model=name)) as done:
+        result = await job.critic_caller.call(
+            lambda: critic.invoke(messages, config), lambda: critic.ainvoke(messages, config)
+        )
+        critique = _to_critique(name, result)
+        done(critique)
+    return critique
+
+
+def _to_critique(name: str, result: CallResult[Any]) -> Critique:
     if result.error is not None:
         return Critique(model=name, error=ErrorInfo.of(result.error), latency_s=result.latency_s)
     reply = result.value
