@@ -37,7 +37,7 @@ from pydantic import ConfigDict, Field, SkipValidation
 from fusion_graph.nodes.generate import INDEX_KEY, ROLE_KEY
 from fusion_graph.prompts import message_text
 
-__all__ = ["CallRecorder", "FakeCall", "FakeChatModel", "tool_call"]
+__all__ = ["CallRecorder", "FakeCall", "FakeChatModel", "FakeSamplingChatModel", "tool_call"]
 
 
 @dataclass(frozen=True)
@@ -261,6 +261,40 @@ class FakeChatModel(BaseChatModel):
         finally:
             if self.recorder:
                 self.recorder.exit()
+
+
+class FakeSamplingChatModel(FakeChatModel):
+    """A :class:`FakeChatModel` that also makes N samples in one call (``sample_n``), like
+    the embedded llama.cpp model: fusion-graph then asks it for all its candidates at once.
+    Sample ``k`` of a call gets ``replies[k % len]``; each call is recorded once, with the
+    seeds in ``kwargs["seeds"]``."""
+
+    def sample_n(
+        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]:
+        call = FakeCall(list(messages), "generator", None, {"seeds": list(seeds), **kwargs})
+        if self.recorder:
+            self.recorder.enter(call)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            return [self._sample(call, k) for k in range(len(seeds))]
+        finally:
+            if self.recorder:
+                self.recorder.exit()
+
+    async def asample_n(
+        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return self.model_copy(update={"delay": 0.0}).sample_n(messages, seeds=seeds, **kwargs)
+
+    def _sample(self, call: FakeCall, k: int) -> AIMessage | Exception:
+        try:
+            return self._reply(FakeCall(call.messages, call.role, k, call.kwargs))
+        except Exception as exc:
+            return exc
 
 
 def _json(args: Mapping[str, Any]) -> str:

@@ -11,8 +11,9 @@ import asyncio
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -219,9 +220,96 @@ class CandidateJob:
     critic_caller: Caller
 
 
+@runtime_checkable
+class SupportsSampleN(Protocol):
+    """A model that makes several samples of one prompt in one call (the prompt is
+    processed once): the embedded llama.cpp model batches them in one context."""
+
+    def sample_n(
+        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]: ...
+
+    async def asample_n(
+        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]: ...
+
+
+def _sample_groups(job: CandidateJob) -> tuple[dict[int, list[int]], list[int]]:
+    """Candidates that one multi-sample call can make together (by generator), and the rest."""
+    groups: dict[int, list[int]] = {}
+    single: list[int] = []
+    for index in range(job.n):
+        slot = index % len(job.generators)
+        generator = job.generators[slot]
+        if not generator.is_node and isinstance(generator.target, SupportsSampleN):
+            groups.setdefault(slot, []).append(index)
+        else:
+            single.append(index)
+    for slot, indices in list(groups.items()):
+        if len(indices) < 2:
+            single.extend(groups.pop(slot))
+    return groups, sorted(single)
+
+
 async def generate_candidates(job: CandidateJob) -> list[Outcome]:
-    """Generate (and critique) every candidate concurrently; results in index order."""
-    return list(await asyncio.gather(*(_candidate(job, i) for i in range(job.n))))
+    """Generate (and critique) every candidate concurrently; results in index order.
+
+    Candidates that a multi-sample model (:class:`SupportsSampleN`) can make together are
+    made in one call; all others each in a call of their own, all at once."""
+    groups, single = _sample_groups(job)
+    tasks: list[Awaitable[Outcome | list[Outcome]]] = [_candidate(job, i) for i in single]
+    tasks += [
+        _sampled_group(job, job.generators[slot], indices) for slot, indices in groups.items()
+    ]
+    results: list[Outcome] = []
+    for item in await asyncio.gather(*tasks):
+        results.extend(item if isinstance(item, list) else [item])
+    return sorted(results, key=lambda o: o.candidate.index)
+
+
+async def _sampled_group(
+    job: CandidateJob, generator: Generator, indices: list[int]
+) -> list[Outcome]:
+    model = generator.target
+    seeds = [job.seed + i if job.seed is not None else None for i in indices]
+    kwargs = {"temperature": job.temperature} if job.temperature is not None else {}
+    messages = list(job.conversation)
+    with ExitStack() as stack:
+        done = []
+        for index, seed in zip(indices, seeds, strict=True):
+            job.emit({"event": "candidate_started", "index": index, "model": generator.name})
+            info = CallInfo(
+                index=index, model=generator.name, seed=seed, temperature=job.temperature
+            )
+            done.append(stack.enter_context(current_hooks().candidate(info)))
+        result: CallResult[list[AIMessage | Exception]] = await job.caller.call(
+            lambda: model.sample_n(messages, seeds=seeds, **kwargs),
+            lambda: model.asample_n(messages, seeds=seeds, **kwargs),
+        )
+        outcomes = []
+        for k, (index, seed) in enumerate(zip(indices, seeds, strict=True)):
+            if result.error is not None:
+                one = CallResult[Any](None, result.error, result.attempts, result.latency_s)
+            else:
+                assert result.value is not None
+                value = result.value[k]
+                error = value if isinstance(value, Exception) else None
+                one = CallResult(None if error else value, error, result.attempts, result.latency_s)
+            outcome = _to_outcome(generator, index, seed, one)
+            done[k](outcome.candidate)
+            outcomes.append(outcome)
+    return list(await asyncio.gather(*(_critiqued(job, o) for o in outcomes)))
+
+
+async def _critiqued(job: CandidateJob, outcome: Outcome) -> Outcome:
+    if job.critic is not None and outcome.candidate.ok:
+        critique = await _critique(job, outcome.candidate)
+        outcome = Outcome(
+            candidate=outcome.candidate.model_copy(update={"critiques": [critique]}),
+            update=outcome.update,
+        )
+    job.emit(candidate_event(outcome.candidate))
+    return outcome
 
 
 async def _candidate(job: CandidateJob, index: int) -> Outcome:

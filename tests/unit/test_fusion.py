@@ -15,7 +15,7 @@ from fusion_graph import (
     NotEnoughCandidatesError,
     fusion_of_n,
 )
-from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel
+from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, FakeSamplingChatModel
 from tests.conftest import Mode
 
 ANSWERS = ["Paris", "Lyon", "Paris, on the Seine", "Nice", "Paris"]
@@ -293,3 +293,25 @@ def test_batch_and_stream_work(mode: Mode) -> None:
     assert [o.content for o in outs] == ["ok", "ok"]
     chunks = list(fused.stream("q"))
     assert "".join(str(c.content) for c in chunks) == "ok"
+
+
+def test_multi_sample_model_makes_its_candidates_in_one_call(mode: Mode) -> None:
+    rec = CallRecorder()
+    sampler = FakeSamplingChatModel(replies=["s0", "s1", "s2"], recorder=rec, model_name="local")
+    other = FakeChatModel(replies=["other"], recorder=rec, model_name="remote")
+    fused = fusion_of_n([sampler, other], n=5, fusor=FakeChatModel(replies=["f"]), seed=10)
+    result = mode.run(fused, "q?")
+    batched = [c for c in rec.by_role("generator") if "seeds" in c.kwargs]
+    assert len(batched) == 1  # candidates 0, 2, 4 in one call
+    assert batched[0].kwargs["seeds"] == [10, 12, 14]
+    assert [c.text for c in result.candidates] == ["s0", "other", "s1", "other", "s2"]
+    assert [c.model for c in result.candidates] == ["local", "remote"] * 2 + ["local"]
+    assert all(c.ok for c in result.candidates)
+
+
+def test_multi_sample_failures_stay_per_candidate(mode: Mode) -> None:
+    sampler = FakeSamplingChatModel(replies=["good", RuntimeError("bad sample")])
+    result = mode.run(fusion_of_n(sampler, n=3, fusor=FakeChatModel()), "q?")
+    assert [c.ok for c in result.candidates] == [True, False, True]
+    assert result.candidates[1].error is not None
+    assert result.candidates[1].error.message == "bad sample"
