@@ -3,6 +3,7 @@ candidate (with its critiques) and writes one answer."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,13 +42,24 @@ async def call_fusor(
         if not isinstance(message, AIMessage):
             msg = f"the fusor returned {type(reply).__name__}, expected an AIMessage"
             raise TypeError(msg)
-        return _check_reply(message)
+        return _check_reply(strip_fences(message))
 
     result = await caller.call(
         lambda: check(fusor.invoke(messages, child)),
         _acheck(fusor, messages, child, check),
     )
     return (result.value if result.error is None else None), result
+
+
+_FENCE_LINE = re.compile(r"^\s*</?candidate\b[^>]*>\s*$", re.MULTILINE)
+
+
+def strip_fences(message: AIMessage) -> AIMessage:
+    """Drop candidate fence tags that a weak fusor echoes on lines of their own."""
+    if not isinstance(message.content, str) or "candidate" not in message.content:
+        return message
+    cleaned = _FENCE_LINE.sub("", message.content).strip()
+    return message.model_copy(update={"content": cleaned})
 
 
 def _acheck(

@@ -315,3 +315,9 @@ def test_multi_sample_failures_stay_per_candidate(mode: Mode) -> None:
     assert [c.ok for c in result.candidates] == [True, False, True]
     assert result.candidates[1].error is not None
     assert result.candidates[1].error.message == "bad sample"
+
+
+def test_fence_tags_echoed_by_a_weak_fusor_are_removed(mode: Mode) -> None:
+    fusor = FakeChatModel(replies=['<candidate index="0">\nParis.\n</candidate>'])
+    answer = mode.invoke(fusion_of_n(FakeChatModel(), n=2, fusor=fusor), "q?")
+    assert answer.content == "Paris."
