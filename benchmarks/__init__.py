@@ -1,0 +1,1 @@
+"""Benchmarks: measured ratios, never asserted. Run ``python -m benchmarks``."""
