@@ -3,11 +3,22 @@ that one call becomes N parallel candidates and one fused or selected answer."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import contextvars
+import json
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Literal, cast
 
 from langchain_core.language_models import LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    convert_to_messages,
+)
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
@@ -15,6 +26,7 @@ from langgraph.types import RetryPolicy
 
 from fusion_graph.engine import FusionEngine, RunResult, build_engine
 from fusion_graph.nodes.calls import run_sync
+from fusion_graph.nodes.fuse import token_sink
 from fusion_graph.nodes.select import Selector
 from fusion_graph.prompts import CRITIQUE_PROMPT, FUSION_PROMPT, PromptTemplate, message_text
 
@@ -98,10 +110,87 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
     ) -> AIMessage:
         return self.run(input, config).message
 
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
+        """Yield the fusor's chunks as they are generated (BoN, or a fallback: the chosen
+        answer as one chunk). The candidates run first, in parallel."""
+        items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+        def forward(chunk: Any) -> Any:
+            items.put(("chunk", chunk))
+            return chunk
+
+        def work() -> None:
+            token_sink.set(forward)
+            try:
+                items.put(("result", self.run(input, config)))
+            except BaseException as exc:  # handed to the consumer
+                items.put(("error", exc))
+
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True).start()
+        streamed = False
+        while True:
+            kind, value = items.get()
+            if kind == "chunk":
+                streamed = True
+                yield _as_chunk(value)
+            elif kind == "error":
+                raise value
+            else:
+                if not streamed:
+                    yield _as_chunk(value.message)
+                return
+
+    async def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        """Async :meth:`stream`."""
+        items: asyncio.Queue[AIMessageChunk] = asyncio.Queue()
+
+        def forward(chunk: Any) -> Any:
+            items.put_nowait(_as_chunk(chunk))
+            return chunk
+
+        async def work() -> RunResult:
+            token_sink.set(forward)
+            return await self.arun(input, config)
+
+        task = asyncio.ensure_future(work())
+        streamed = False
+        while not (task.done() and items.empty()):
+            getter = asyncio.ensure_future(items.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                streamed = True
+                yield getter.result()
+            else:
+                getter.cancel()
+        result = task.result()
+        if not streamed:
+            yield _as_chunk(result.message)
+
     async def ainvoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AIMessage:
         return (await self.arun(input, config)).message
+
+
+def _as_chunk(value: Any) -> AIMessageChunk:
+    if isinstance(value, AIMessageChunk):
+        return value
+    if isinstance(value, AIMessage):
+        return AIMessageChunk(
+            content=value.content,
+            id=value.id,
+            tool_call_chunks=[
+                {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+                for i, c in enumerate(value.tool_calls)
+            ],
+            usage_metadata=value.usage_metadata,
+            response_metadata=value.response_metadata,
+        )
+    return AIMessageChunk(content=str(value))
 
 
 class FusionNode(Runnable[Any, dict[str, Any]]):

@@ -4,10 +4,16 @@ candidate (with its critiques) and writes one answer."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    message_chunk_to_message,
+)
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import patch_config
 
@@ -44,11 +50,39 @@ async def call_fusor(
             raise TypeError(msg)
         return _check_reply(strip_fences(message))
 
-    result = await caller.call(
-        lambda: check(fusor.invoke(messages, child)),
-        _acheck(fusor, messages, child, check),
-    )
+    sink = token_sink.get()
+    if sink is None:
+        result = await caller.call(
+            lambda: check(fusor.invoke(messages, child)),
+            _acheck(fusor, messages, child, check),
+        )
+    else:
+
+        def stream() -> AIMessage:
+            return check(_joined(sink(c) for c in fusor.stream(messages, child)))
+
+        async def astream() -> AIMessage:
+            return check(_joined([sink(c) async for c in fusor.astream(messages, child)]))
+
+        result = await caller.call(stream, astream)
     return (result.value if result.error is None else None), result
+
+
+token_sink: ContextVar[Callable[[Any], Any] | None] = ContextVar(
+    "fusion_graph_token_sink", default=None
+)
+"""Set by ``FusionRunnable.stream``: receives the fusor's chunks as they are generated
+(and must return each chunk it gets)."""
+
+
+def _joined(chunks: Iterable[Any]) -> AIMessage:
+    total: AIMessageChunk | None = None
+    for chunk in chunks:
+        piece = chunk if isinstance(chunk, AIMessageChunk) else AIMessageChunk(content=str(chunk))
+        total = piece if total is None else total + piece
+    if total is None:
+        return AIMessage(content="")
+    return message_chunk_to_message(total)  # type: ignore[return-value]
 
 
 _FENCE_LINE = re.compile(r"^\s*</?candidate\b[^>]*>\s*$", re.MULTILINE)
