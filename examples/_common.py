@@ -1,0 +1,43 @@
+"""Shared by the examples: pick the model from the command line.
+
+With no options the examples run the embedded local model (SmolLM2-135M-Instruct on
+llama.cpp: CPU only, no network, demo-grade answers). ``--base-url URL --model NAME``
+uses any OpenAI-compatible server instead (vLLM, llama.cpp server, hosted APIs); its key
+is read from ``--api-key-env`` (default ``OPENAI_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from langchain_core.language_models import BaseChatModel
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the model options every example takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--base-url", default=os.environ.get("FUSION_GRAPH_BASE_URL"))
+    p.add_argument("--model", default=os.environ.get("FUSION_GRAPH_MODEL"))
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("-n", type=int, default=4, help="candidates per step")
+    return p
+
+
+def chat_model(
+    args: argparse.Namespace, *, temperature: float = 0.7, max_tokens: int = 128
+) -> BaseChatModel:
+    """The embedded local model, or the OpenAI-compatible model named on the command line."""
+    if args.base_url:
+        from langchain_openai import ChatOpenAI
+
+        return ChatOpenAI(
+            base_url=args.base_url,
+            model=args.model or "default",
+            api_key=os.environ.get(args.api_key_env) or "not-needed",
+            temperature=temperature,
+            max_completion_tokens=max_tokens,
+        )
+    from fusion_graph.integrations.llama_cpp import ChatLocalModel
+
+    return ChatLocalModel(temperature=temperature, max_tokens=max_tokens, n_ctx=8192)
