@@ -6,11 +6,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := dev,cli,local,openai
+EXTRAS := dev,cli,local,openai,otel
+PHOENIX_VENV := .venv-phoenix
 STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 QUESTION ?= What is the capital of France, and what is it famous for?
 
-.PHONY: setup demo test test-fast lint typecheck bench clean
+.PHONY: setup demo test test-fast lint typecheck bench clean phoenix
 
 setup: $(STAMP)
 
@@ -32,7 +33,16 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: lint typecheck
+# A real trace backend for the tracing test, in a venv of its own (~1 min, ~855 MB).
+phoenix: $(PHOENIX_VENV)/.installed
+
+$(PHOENIX_VENV)/.installed:
+	test -x $(PHOENIX_VENV)/bin/python || $(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet 'arize-phoenix==20.26.1'
+	touch $@
+
+test: lint typecheck phoenix
 	$(BIN)/python -m pytest
 
 test-fast: setup
@@ -42,4 +52,4 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PHOENIX_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -318,16 +318,12 @@ async def _candidate(job: CandidateJob, index: int) -> Outcome:
     job.emit({"event": "candidate_started", "index": index, "model": generator.name})
     config = role_config(job.config, role="generator", run_name=f"candidate[{index}]", index=index)
     sync_fn, async_fn = generator.calls(job.source, config, seed=seed, temperature=job.temperature)
-    result: CallResult[Any] = await job.caller.call(sync_fn, async_fn)
-    outcome = _to_outcome(generator, index, seed, result)
-    if job.critic is not None and outcome.candidate.ok:
-        critique = await _critique(job, outcome.candidate)
-        outcome = Outcome(
-            candidate=outcome.candidate.model_copy(update={"critiques": [critique]}),
-            update=outcome.update,
-        )
-    job.emit(candidate_event(outcome.candidate))
-    return outcome
+    info = CallInfo(index=index, model=generator.name, seed=seed, temperature=job.temperature)
+    with current_hooks().candidate(info) as done:
+        result: CallResult[Any] = await job.caller.call(sync_fn, async_fn)
+        outcome = _to_outcome(generator, index, seed, result)
+        done(outcome.candidate)
+    return await _critiqued(job, outcome)
 
 
 def _to_outcome(

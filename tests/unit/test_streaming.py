@@ -7,9 +7,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from langchain_core.messages import AIMessageChunk
 
-from fusion_graph import MajorityVote, best_of_n, create_fusion_graph, fusion_of_n
+from fusion_graph import (
+    MajorityVote,
+    NotEnoughCandidatesError,
+    best_of_n,
+    create_fusion_graph,
+    fusion_of_n,
+)
 from fusion_graph.testing import FakeChatModel
 from tests.conftest import Mode
 
@@ -44,12 +51,8 @@ def test_best_of_n_streams_the_chosen_answer(mode: Mode) -> None:
 
 def test_stream_raises_the_run_error(mode: Mode) -> None:
     fused = fusion_of_n(FakeChatModel(replies=[RuntimeError("down")]), n=2, fusor=FakeChatModel())
-    try:
+    with pytest.raises(NotEnoughCandidatesError, match="0 of 2 candidates succeeded"):
         _stream(mode, fused, "q")
-    except ExceptionGroup as exc:
-        assert "0 of 2 candidates succeeded" in str(exc)
-    else:
-        raise AssertionError("expected NotEnoughCandidatesError")
 
 
 def test_graph_streams_progress_then_fusor_tokens(mode: Mode) -> None:
