@@ -256,6 +256,15 @@ def _explain(exc: BaseException, choice: ModelChoice) -> CliError:
     return CliError(f"{type(exc).__name__}: {exc}")
 
 
+def _start_tracing(endpoint: str | None, project: str | None) -> Any:
+    try:
+        from fusion_graph.integrations.opentelemetry import configure_otlp
+    except ImportError as exc:
+        msg = "--trace needs the OpenTelemetry extra: `pip install 'fusion-graph[otel]'`."
+        raise CliError(msg, code=2) from exc
+    return configure_otlp(endpoint, project=project)
+
+
 def _read_prompt(prompt: str) -> str:
     if prompt == "-":
         if sys.stdin.isatty():
@@ -308,6 +317,22 @@ def ask(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the whole result as JSON on stdout.")
     ] = False,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            envvar="FUSION_GRAPH_TRACE",
+            help="Send an OpenTelemetry trace of the run over OTLP/HTTP (needs the otel "
+            "extra). The endpoint comes from --trace-endpoint or the standard "
+            "OTEL_EXPORTER_OTLP_* variables.",
+        ),
+    ] = False,
+    trace_endpoint: Annotated[
+        str | None,
+        typer.Option(help="OTLP/HTTP base URL, e.g. http://127.0.0.1:6006 for Phoenix."),
+    ] = None,
+    trace_project: Annotated[
+        str | None, typer.Option(help="Project name for Phoenix (openinference.project.name).")
+    ] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks on errors.")] = False,
 ) -> None:
     """Answer PROMPT with N candidates, fused (default) or best-of-N selected."""
@@ -319,8 +344,11 @@ def ask(
         max_tokens=max_tokens,
         timeout=timeout,
     )
+    provider = None
     try:
         text = _read_prompt(prompt)
+        if trace or trace_endpoint:
+            provider = _start_tracing(trace_endpoint, trace_project)
         llm = choice.build()
         decider = llm.bind(temperature=0.2)
         runnable: FusionRunnable
@@ -354,6 +382,10 @@ def ask(
         problem = _explain(exc, choice)
         err.print(f"[bold red]Error:[/] {escape(str(problem))}")
         raise typer.Exit(problem.code) from None
+    finally:
+        if provider is not None:
+            provider.force_flush()
+            provider.shutdown()
 
     if show_candidates:
         panels = [

@@ -143,3 +143,25 @@ def test_ask_works_with_no_network_at_all() -> None:
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["decision"]["fused"] and data["answer"].strip()
+
+
+def test_trace_sends_the_run_to_an_otlp_endpoint(
+    otlp_receiver: tuple[str, list[tuple[str, bytes]]],
+) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    url, received = otlp_receiver
+    code, out, errors = _ask(*FAST, "--trace-endpoint", url, "--trace-project", "cli", QUESTION)
+    assert code == 0, errors
+    assert out.strip()
+    names = []
+    for path, body in received:
+        assert path == "/v1/traces"
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for scope in resource_spans.scope_spans:
+                names += [span.name for span in scope.spans]
+    assert names.count("chat SmolLM2-135M-Instruct") == 2
+    assert "fusion_graph.run" in names and "fusion_graph.fuse" in names

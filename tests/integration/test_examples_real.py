@@ -33,3 +33,18 @@ def test_example_runs_on_the_embedded_model(script: str, expected: list[str]) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     for text in expected:
         assert text in proc.stdout, proc.stdout
+
+
+def test_tracing_example_on_the_embedded_model(
+    otlp_receiver: tuple[str, list[tuple[str, bytes]]],
+) -> None:
+    url, received = otlp_receiver
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tracing.py"), "-n", "2", "--endpoint", url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("trace ") and received

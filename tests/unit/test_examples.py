@@ -53,7 +53,7 @@ def run_example(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
 def test_every_example_is_tested() -> None:
     tested = {"quickstart.py", "teacher_pool.py", "existing_workflow.py", "tool_agent.py"}
     found = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
-    assert found <= tested | {"tracing.py"}
+    assert found == tested | {"tracing.py"}
 
 
 def test_quickstart(run_example: Any) -> None:
@@ -79,3 +79,26 @@ def test_tool_agent_runs_the_tool_once(run_example: Any) -> None:
     out = run_example("tool_agent.py")
     assert "tool calls executed: ['multiply(12.5, 4.0)']" in out
     assert "The result is 50.0." in out
+
+
+def test_tracing_sends_one_trace(
+    run_example: Any, otlp_receiver: tuple[str, list[tuple[str, bytes]]]
+) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    url, received = otlp_receiver
+    out = run_example("tracing.py", "--endpoint", url, "-n", "3")
+    assert "fused answer" in out
+    spans = [
+        span
+        for _, body in received
+        for rs in ExportTraceServiceRequest.FromString(body).resource_spans
+        for scope in rs.scope_spans
+        for span in scope.spans
+    ]
+    trace_id = out.split()[1]
+    assert {s.trace_id.hex() for s in spans} == {trace_id}
+    names = [s.name for s in spans]
+    assert names.count("chat fake-t") == 3 and "my-app-request" in names
