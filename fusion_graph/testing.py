@@ -21,6 +21,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,16 @@ class FakeChatModel(BaseChatModel):
         message.response_metadata = {"model_name": self.model_name}
         return message
 
+    @contextmanager
+    def _recorded(self, call: FakeCall) -> Iterator[FakeCall]:
+        if self.recorder:
+            self.recorder.enter(call)
+        try:
+            yield call
+        finally:
+            if self.recorder:
+                self.recorder.exit()
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -173,16 +184,10 @@ class FakeChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        call = self._call(messages, run_manager, kwargs)
-        if self.recorder:
-            self.recorder.enter(call)
-        try:
+        with self._recorded(self._call(messages, run_manager, kwargs)) as call:
             if self.delay:
                 time.sleep(self.delay)
             return ChatResult(generations=[ChatGeneration(message=self._reply(call))])
-        finally:
-            if self.recorder:
-                self.recorder.exit()
 
     async def _agenerate(
         self,
@@ -191,16 +196,10 @@ class FakeChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        call = self._call(messages, run_manager, kwargs)
-        if self.recorder:
-            self.recorder.enter(call)
-        try:
+        with self._recorded(self._call(messages, run_manager, kwargs)) as call:
             if self.delay:
                 await asyncio.sleep(self.delay)
             return ChatResult(generations=[ChatGeneration(message=self._reply(call))])
-        finally:
-            if self.recorder:
-                self.recorder.exit()
 
     def _chunks(self, message: AIMessage) -> Iterator[ChatGenerationChunk]:
         words = message_text(message).split(" ")
@@ -227,19 +226,13 @@ class FakeChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        call = self._call(messages, run_manager, kwargs)
-        if self.recorder:
-            self.recorder.enter(call)
-        try:
+        with self._recorded(self._call(messages, run_manager, kwargs)) as call:
             if self.delay:
                 time.sleep(self.delay)
             for chunk in self._chunks(self._reply(call)):
                 if run_manager:
                     run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
                 yield chunk
-        finally:
-            if self.recorder:
-                self.recorder.exit()
 
     async def _astream(
         self,
@@ -248,19 +241,13 @@ class FakeChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        call = self._call(messages, run_manager, kwargs)
-        if self.recorder:
-            self.recorder.enter(call)
-        try:
+        with self._recorded(self._call(messages, run_manager, kwargs)) as call:
             if self.delay:
                 await asyncio.sleep(self.delay)
             for chunk in self._chunks(self._reply(call)):
                 if run_manager:
                     await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
                 yield chunk
-        finally:
-            if self.recorder:
-                self.recorder.exit()
 
 
 class FakeSamplingChatModel(FakeChatModel):
@@ -273,15 +260,10 @@ class FakeSamplingChatModel(FakeChatModel):
         self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
     ) -> list[AIMessage | Exception]:
         call = FakeCall(list(messages), "generator", None, {"seeds": list(seeds), **kwargs})
-        if self.recorder:
-            self.recorder.enter(call)
-        try:
+        with self._recorded(call):
             if self.delay:
                 time.sleep(self.delay)
             return [self._sample(call, k) for k in range(len(seeds))]
-        finally:
-            if self.recorder:
-                self.recorder.exit()
 
     async def asample_n(
         self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
