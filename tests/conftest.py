@@ -83,3 +83,16 @@ def otlp_receiver() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     yield f"http://127.0.0.1:{server.server_port}", received
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _uninstrument_after_test() -> Iterator[None]:
+    """A test that turned tracing on (e.g. through ``configure_otlp``) must not leave it on."""
+    yield
+    try:
+        from fusion_graph.integrations.opentelemetry import FusionGraphInstrumentor
+    except ImportError:
+        return
+    instrumentor = FusionGraphInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()

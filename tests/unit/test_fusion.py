@@ -59,11 +59,11 @@ def test_candidates_run_in_parallel(mode: Mode, n: int) -> None:
 
 def test_max_concurrency_bounds_calls_in_flight(mode: Mode) -> None:
     rec = CallRecorder()
-    gen = FakeChatModel(replies=ANSWERS, delay=0.05, recorder=rec)
-    fused = fusion_of_n(gen, n=8, fusor=FakeChatModel(replies=["f"]), max_concurrency=3)
+    gen = FakeChatModel(replies=ANSWERS, delay=0.2, recorder=rec)
+    fused = fusion_of_n(gen, n=6, fusor=FakeChatModel(replies=["f"]), max_concurrency=3)
     result = mode.run(fused, "q?")
     assert rec.max_in_flight == 3
-    assert sum(c.ok for c in result.candidates) == 8
+    assert sum(c.ok for c in result.candidates) == 6
 
 
 def test_critiques_reach_the_fusor(mode: Mode) -> None:
