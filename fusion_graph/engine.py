@@ -132,7 +132,6 @@ class FusionEngine:
             temperature=self.temperature,
             critic=self.critic,
             critique_prompt=self.critique_prompt,
-            critic_caller=caller,
         )
         return await generate_candidates(job)
 

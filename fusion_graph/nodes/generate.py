@@ -217,7 +217,6 @@ class CandidateJob:
     temperature: float | None
     critic: Runnable[Any, Any] | None
     critique_prompt: PromptTemplate
-    critic_caller: Caller
 
 
 @runtime_checkable
@@ -359,7 +358,7 @@ async def _critique(job: CandidateJob, candidate: Candidate) -> Critique:
     )
     name = model_name(critic)
     with current_hooks().critique(CallInfo(index=candidate.index, model=name)) as done:
-        result = await job.critic_caller.call(
+        result = await job.caller.call(
             lambda: critic.invoke(messages, config), lambda: critic.ainvoke(messages, config)
         )
         critique = _to_critique(name, result)
