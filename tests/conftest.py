@@ -53,6 +53,28 @@ class Mode:
         return sync_fn() if self.sync else asyncio.run(async_fn())
 
 
+def meeting_model(parties: int, recorder: Any, *, threads: bool, replies: Any = ("ok",)) -> Any:
+    """A fake model for parallelism tests that need no timing.
+
+    ``threads=True`` (calls arrive on threads): each call waits at a barrier until
+    ``parties`` calls are in flight together, so a fan-out that runs calls one after
+    another breaks the barrier (10 s) and its candidates fail. ``threads=False`` (calls
+    are coroutines on one loop, which start without waiting for a thread): calls sleep
+    0.2 s instead, long enough for every coroutine to start.
+    """
+    from fusion_graph.testing import FakeCall, FakeChatModel
+
+    if not threads:
+        return FakeChatModel(replies=replies, delay=0.2, recorder=recorder)
+    barrier = threading.Barrier(parties, timeout=10)
+
+    def reply(call: FakeCall) -> Any:
+        barrier.wait()
+        return replies[(call.index or 0) % len(replies)]
+
+    return FakeChatModel(replies=reply, recorder=recorder)
+
+
 @pytest.fixture(params=["sync", "async"])
 def mode(request: pytest.FixtureRequest) -> Mode:
     return Mode(request.param)

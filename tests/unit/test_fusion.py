@@ -16,7 +16,7 @@ from fusion_graph import (
     fusion_of_n,
 )
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, FakeSamplingChatModel
-from tests.conftest import Mode
+from tests.conftest import Mode, meeting_model
 
 ANSWERS = ["Paris", "Lyon", "Paris, on the Seine", "Nice", "Paris"]
 
@@ -50,16 +50,17 @@ def test_result_keeps_every_candidate_in_index_order(mode: Mode) -> None:
 @pytest.mark.parametrize("n", [8, 16])
 def test_candidates_run_in_parallel(mode: Mode, n: int) -> None:
     rec = CallRecorder()
-    gen = FakeChatModel(replies=ANSWERS, delay=0.2, recorder=rec)
-    mode.invoke(fusion_of_n(gen, n=n, fusor=FakeChatModel(replies=["f"])), "q?")
+    gen = meeting_model(n, rec, threads=mode.sync, replies=ANSWERS)
+    result = mode.run(fusion_of_n(gen, n=n, fusor=FakeChatModel(replies=["f"])), "q?")
     # All N generations were in flight at once: the sync path is not capped by a small
     # default thread pool, and nothing runs one after another.
+    assert all(c.ok for c in result.candidates)
     assert rec.max_in_flight == n
 
 
 def test_max_concurrency_bounds_calls_in_flight(mode: Mode) -> None:
     rec = CallRecorder()
-    gen = FakeChatModel(replies=ANSWERS, delay=0.2, recorder=rec)
+    gen = meeting_model(3, rec, threads=mode.sync, replies=ANSWERS)
     fused = fusion_of_n(gen, n=6, fusor=FakeChatModel(replies=["f"]), max_concurrency=3)
     result = mode.run(fused, "q?")
     assert rec.max_in_flight == 3

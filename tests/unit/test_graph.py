@@ -22,7 +22,7 @@ from fusion_graph import (
     fusion_of_n,
 )
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, tool_call
-from tests.conftest import Mode
+from tests.conftest import Mode, meeting_model
 
 
 def _invoke(mode: Mode, graph: Any, value: Any, config: Any = None) -> Any:
@@ -32,7 +32,7 @@ def _invoke(mode: Mode, graph: Any, value: Any, config: Any = None) -> Any:
 def test_subgraph_is_uncompiled_and_keeps_everything_in_state(mode: Mode) -> None:
     rec = CallRecorder()
     builder = create_fusion_graph(
-        generator=FakeChatModel(replies=["a", "b", "c"], recorder=rec, delay=0.05),
+        generator=meeting_model(3, rec, threads=mode.sync, replies=["a", "b", "c"]),
         n=3,
         strategy="fusion",
         fusor=FakeChatModel(replies=["fused"]),
@@ -119,7 +119,7 @@ def _agent_graph(node: Any) -> Any:
 
 def test_wrapped_sync_node_in_parent_graph_with_checkpointer(mode: Mode) -> None:
     rec = CallRecorder()
-    llm = FakeChatModel(replies=["one", "two", "three"], recorder=rec, delay=0.05)
+    llm = meeting_model(3, rec, threads=True, replies=["one", "two", "three"])  # a sync node
 
     def call_model(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
         return {"messages": [llm.invoke(state["messages"], config)]}
@@ -139,7 +139,7 @@ def test_wrapped_sync_node_in_parent_graph_with_checkpointer(mode: Mode) -> None
 
 def test_wrapped_async_node_without_config_param(mode: Mode) -> None:
     rec = CallRecorder()
-    llm = FakeChatModel(replies=["p", "q"], recorder=rec, delay=0.05)
+    llm = meeting_model(4, rec, threads=False, replies=["p", "q"])  # an async node
 
     async def call_model(state: MessagesState) -> dict[str, Any]:
         return {"messages": [await llm.ainvoke(state["messages"])]}

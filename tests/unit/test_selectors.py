@@ -18,7 +18,7 @@ from fusion_graph import (
 )
 from fusion_graph.nodes.select import final_answer, parse_judge_output, parse_pairwise_output
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, tool_call
-from tests.conftest import Mode
+from tests.conftest import Mode, meeting_model
 
 TEXTS = ["answer zero", "answer one", "answer two", "answer three"]
 
@@ -224,6 +224,6 @@ def test_selector_sees_critiques(mode: Mode) -> None:
 
 def test_judge_calls_run_in_parallel(mode: Mode) -> None:
     rec = CallRecorder()
-    judge = FakeChatModel(replies=['{"score": 5}'], recorder=rec, delay=0.1)
+    judge = meeting_model(6, rec, threads=mode.sync, replies=['{"score": 5}'])
     mode.invoke(best_of_n(FakeChatModel(replies=TEXTS), n=6, selector=LLMJudge(judge)), "q")
     assert rec.max_in_flight == 6
