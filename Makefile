@@ -6,12 +6,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := dev,cli,local,openai,otel
+EXTRAS := dev,cli,local,openai,otel,server
 PHOENIX_VENV := .venv-phoenix
 STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 QUESTION ?= What is the capital of France, and what is it famous for?
 
-.PHONY: setup demo test test-fast lint typecheck bench clean phoenix
+.PHONY: setup demo test test-fast test-server lint typecheck bench bench-vllm clean phoenix vllm
 
 setup: $(STAMP)
 
@@ -42,8 +42,18 @@ $(PHOENIX_VENV)/.installed:
 	$(PHOENIX_VENV)/bin/python -m pip install --quiet 'arize-phoenix==20.26.1'
 	touch $@
 
-test: lint typecheck phoenix
+# vLLM (CPU build) in .venv-vllm and SmolLM2 converted for it (~4-5 min the first time).
+vllm: setup
+	bash scripts/vllm_env.sh
+
+test: lint typecheck phoenix vllm
 	$(BIN)/python -m pytest
+
+test-server: setup phoenix vllm
+	$(BIN)/python -m pytest -m server
+
+bench-vllm: setup vllm
+	$(BIN)/python -m benchmarks.vllm_backend
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not integration and not server"
@@ -52,4 +62,4 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(PHOENIX_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PHOENIX_VENV) .venv-vllm .cache/smollm2-hf .pytest_cache .mypy_cache .ruff_cache

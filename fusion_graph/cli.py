@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import threading
 import time
@@ -117,20 +116,24 @@ class ModelChoice:
         return ChatLocalModel(temperature=self.temperature, max_tokens=self.max_tokens, n_ctx=8192)
 
     def _openai(self) -> BaseChatModel:
+        assert self.base_url is not None
         try:
-            from langchain_openai import ChatOpenAI
+            from fusion_graph.integrations.openai_compat import openai_compatible
         except ImportError as exc:
             msg = "OpenAI-compatible endpoints need `pip install 'fusion-graph[openai]'`."
             raise CliError(msg) from exc
-        return ChatOpenAI(
-            model=self.model or "default",
-            base_url=self.base_url,
-            api_key=os.environ.get(self.api_key_env) or "not-needed",
-            temperature=self.temperature,
-            max_completion_tokens=self.max_tokens,
-            timeout=self.timeout,
-            max_retries=1,
-        )
+        try:
+            return openai_compatible(
+                self.base_url,
+                self.model or "default",
+                api_key_env=self.api_key_env,
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                timeout=self.timeout,
+                max_retries=1,
+            )
+        except ValueError as exc:
+            raise CliError(str(exc), code=2) from exc
 
 
 def _selector(name: SelectorName, judge: Runnable[Any, Any]) -> Selector:

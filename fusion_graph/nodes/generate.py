@@ -293,7 +293,10 @@ async def _sampled_group(
                 assert result.value is not None
                 value = result.value[k]
                 error = value if isinstance(value, Exception) else None
-                one = CallResult(None if error else value, error, result.attempts, result.latency_s)
+                latency = result.latency_s  # a backend may say when each sample finished
+                if isinstance(value, AIMessage):
+                    latency = float(value.response_metadata.get("latency_s", latency))
+                one = CallResult(None if error else value, error, result.attempts, latency)
             outcome = _to_outcome(generator, index, seed, one)
             done[k](outcome.candidate)
             outcomes.append(outcome)
