@@ -52,6 +52,20 @@ def _accepts(target: object, field: str) -> bool:
     return isinstance(fields, Mapping) and field in fields
 
 
+@runtime_checkable
+class SupportsSampleN(Protocol):
+    """A model that makes several samples of one prompt in one call (the prompt is
+    processed once): the embedded llama.cpp model batches them in one context."""
+
+    def sample_n(
+        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]: ...
+
+    async def asample_n(
+        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class Generator:
     """One member of the generator pool and how to call it."""
@@ -64,12 +78,25 @@ class Generator:
     """True for a node function ``(state[, config]) -> update``."""
     node_takes_config: bool = False
     node_is_async: bool = False
+    takes_seed: bool = False
+    """The model has a ``seed`` field: each candidate gets its own."""
+    takes_temperature: bool = False
+    """The model has a ``temperature`` field."""
+    samples_n: bool = False
+    """The model makes several samples in one call (:class:`SupportsSampleN`)."""
 
     @classmethod
     def of(cls, target: object) -> Generator:
         """Classify ``target``; raise ``TypeError`` when it is neither kind."""
         if isinstance(target, Runnable):
-            return cls(target=target, name=model_name(target), is_node=False)
+            return cls(
+                target=target,
+                name=model_name(target),
+                is_node=False,
+                takes_seed=_accepts(target, "seed"),
+                takes_temperature=_accepts(target, "temperature"),
+                samples_n=isinstance(target, SupportsSampleN),
+            )
         if callable(target):
             params = inspect.signature(target).parameters
             positional = [
@@ -106,13 +133,15 @@ class Generator:
             return self._node_calls(source, config)
         runnable: Runnable[Any, Any] = self.target
         kwargs: dict[str, Any] = {}
-        if seed is not None and _accepts(runnable, "seed"):
+        if seed is not None and self.takes_seed:
             kwargs["seed"] = seed
-        if temperature is not None and _accepts(runnable, "temperature"):
+        if temperature is not None and self.takes_temperature:
             kwargs["temperature"] = temperature
-        if kwargs:
-            runnable = runnable.bind(**kwargs)
-        return (lambda: runnable.invoke(source, config)), (lambda: runnable.ainvoke(source, config))
+        # Call options as invoke kwargs (what `.bind` would do, minus a wrapper per call).
+        return (
+            lambda: runnable.invoke(source, config, **kwargs),
+            lambda: runnable.ainvoke(source, config, **kwargs),
+        )
 
     def _node_calls(
         self, state: Any, config: RunnableConfig
@@ -219,20 +248,6 @@ class CandidateJob:
     critique_prompt: PromptTemplate
 
 
-@runtime_checkable
-class SupportsSampleN(Protocol):
-    """A model that makes several samples of one prompt in one call (the prompt is
-    processed once): the embedded llama.cpp model batches them in one context."""
-
-    def sample_n(
-        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
-    ) -> list[AIMessage | Exception]: ...
-
-    async def asample_n(
-        self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
-    ) -> list[AIMessage | Exception]: ...
-
-
 def _sample_groups(job: CandidateJob) -> tuple[dict[int, list[int]], list[int]]:
     """Candidates that one multi-sample call can make together (by generator), and the rest."""
     groups: dict[int, list[int]] = {}
@@ -240,7 +255,7 @@ def _sample_groups(job: CandidateJob) -> tuple[dict[int, list[int]], list[int]]:
     for index in range(job.n):
         slot = index % len(job.generators)
         generator = job.generators[slot]
-        if not generator.is_node and isinstance(generator.target, SupportsSampleN):
+        if generator.samples_n:
             groups.setdefault(slot, []).append(index)
         else:
             single.append(index)
