@@ -23,10 +23,11 @@ Seeds
 
 Concurrency
     Every request to one endpoint (base URL) from this process, sync or async, from any number
-    of model objects, holds one slot of that endpoint's :class:`EndpointLimiter` while it runs,
-    so a fan-out of 64 candidates against a small server keeps at most ``max_concurrency``
-    requests in flight. When several models name different limits for one endpoint, the
-    smallest wins.
+    of model objects, holds one slot of that endpoint's
+    :class:`~fusion_graph.integrations.endpoint_limits.EndpointLimiter` while it runs, so a
+    fan-out of 64 candidates against a small server keeps at most ``max_concurrency`` requests
+    in flight. When several models name different limits for one endpoint, the smallest wins.
+    ``EndpointLimiter`` and ``endpoint_limiter`` are re-exported here.
 
 Example:
     >>> from fusion_graph import fusion_of_n
@@ -40,17 +41,15 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
+import ipaddress
 import os
 import re
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -61,6 +60,16 @@ from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import ensure_config
 from pydantic import Field
+
+from fusion_graph.integrations.endpoint_limits import (
+    DEFAULT_MAX_CONCURRENCY as DEFAULT_MAX_CONCURRENCY,  # re-exported: it used to live here
+)
+from fusion_graph.integrations.endpoint_limits import (
+    EndpointLimiter,
+    endpoint_key,
+    endpoint_limiter,
+    forget_limiter,
+)
 
 try:
     import openai
@@ -82,10 +91,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-DEFAULT_MAX_CONCURRENCY = 8
-"""Requests in flight per endpoint when nothing else is said."""
 _OPENAI_HOST = "api.openai.com"
-_LOOPBACK = ("127.", "localhost", "::1", "[::1]")
 
 # Sync fan-outs (extra requests for an n-ignoring backend) run here; the endpoint limiter,
 # not this pool, bounds how many are in flight.
@@ -93,159 +99,22 @@ _EXECUTOR = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fusion-graph-
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-endpoint concurrency
+# What this process learned about endpoints
 # ---------------------------------------------------------------------------------------------
 
-
-@dataclass(eq=False)
-class _Waiter:
-    event: threading.Event | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    future: asyncio.Future[None] | None = None
-    granted: bool = False
-
-    def wake(self) -> bool:
-        """Hand the slot over; False when the waiter's event loop is gone."""
-        if self.event is not None:
-            self.event.set()
-            return True
-        assert self.loop is not None and self.future is not None
-        future = self.future
-        try:
-            self.loop.call_soon_threadsafe(_resolve, future)
-        except RuntimeError:  # the loop was closed: nobody will take the slot
-            return False
-        return True
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-@dataclass(eq=False)
-class EndpointLimiter:
-    """At most ``limit`` requests in flight to one endpoint, shared by threads and event loops.
-
-    Slots are handed out first come, first served. ``in_flight`` and ``peak`` (the most ever
-    in flight at once) let tests and benchmarks check the bound.
-
-    Example:
-        >>> limiter = EndpointLimiter(limit=2)
-        >>> with limiter.slot():
-        ...     limiter.in_flight
-        1
-    """
-
-    limit: int
-    in_flight: int = 0
-    peak: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _waiters: deque[_Waiter] = field(default_factory=deque, repr=False)
-
-    def _take_locked(self) -> bool:
-        if not self._waiters and self.in_flight < self.limit:
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-            return True
-        return False
-
-    def acquire(self) -> None:
-        """Take a slot, blocking this thread until one is free."""
-        with self._lock:
-            if self._take_locked():
-                return
-            waiter = _Waiter(event=threading.Event())
-            self._waiters.append(waiter)
-        assert waiter.event is not None
-        waiter.event.wait()
-
-    async def aacquire(self) -> None:
-        """Take a slot, suspending this coroutine (not the thread) until one is free."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self._take_locked():
-                return
-            waiter = _Waiter(loop=loop, future=loop.create_future())
-            self._waiters.append(waiter)
-        assert waiter.future is not None
-        try:
-            await waiter.future
-        except asyncio.CancelledError:
-            with self._lock:
-                granted = waiter.granted
-                if not granted:
-                    self._waiters.remove(waiter)
-            if granted:
-                self.release()
-            raise
-
-    def release(self) -> None:
-        """Give a slot back (to the longest waiter, if any)."""
-        while True:
-            with self._lock:
-                if not self._waiters:
-                    self.in_flight -= 1
-                    return
-                waiter = self._waiters.popleft()
-                waiter.granted = True  # the slot passes on: in_flight is unchanged
-            if waiter.wake():
-                return
-
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """``with limiter.slot(): ...`` holds a slot for the block."""
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
-    @contextlib.asynccontextmanager
-    async def aslot(self) -> AsyncIterator[None]:
-        """``async with limiter.aslot(): ...`` holds a slot for the block."""
-        await self.aacquire()
-        try:
-            yield
-        finally:
-            self.release()
-
-
 _REGISTRY_LOCK = threading.Lock()
-_LIMITERS: dict[str, EndpointLimiter] = {}
 _IGNORES_N: dict[tuple[str, str], bool] = {}
 _LOOP_TWINS: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[int, tuple[ChatOpenAICompatible, ChatOpenAICompatible]]
 ] = weakref.WeakKeyDictionary()
 
 
-def _endpoint_key(base_url: str | None) -> str:
-    return (base_url or f"https://{_OPENAI_HOST}/v1").rstrip("/")
-
-
-def endpoint_limiter(base_url: str | None, limit: int | None = None) -> EndpointLimiter:
-    """The process-wide limiter of one endpoint (created on first use).
-
-    ``limit`` lowers the endpoint's bound when it is below the current one.
-    """
-    key = _endpoint_key(base_url)
-    with _REGISTRY_LOCK:
-        limiter = _LIMITERS.get(key)
-        if limiter is None:
-            limiter = _LIMITERS[key] = EndpointLimiter(limit=limit or DEFAULT_MAX_CONCURRENCY)
-        elif limit is not None and limit < limiter.limit:
-            limiter.limit = limit
-        return limiter
-
-
 def forget_endpoint(base_url: str | None) -> None:
     """Drop what this process learned about an endpoint: its limiter (once idle) and whether it
     ignores ``n``. Useful when a server is restarted with other settings, and in tests."""
-    key = _endpoint_key(base_url)
+    forget_limiter(base_url)
+    key = endpoint_key(base_url)
     with _REGISTRY_LOCK:
-        limiter = _LIMITERS.get(key)
-        if limiter is not None and limiter.in_flight == 0:
-            del _LIMITERS[key]
         for known in [k for k in _IGNORES_N if k[0] == key]:
             del _IGNORES_N[known]
 
@@ -362,7 +231,7 @@ class ChatOpenAICompatible(ChatOpenAI):
     @property
     def endpoint(self) -> str:
         """The base URL requests go to (the key of the concurrency bound)."""
-        return _endpoint_key(self.openai_api_base)
+        return endpoint_key(self.openai_api_base)
 
     @property
     def limiter(self) -> EndpointLimiter:
@@ -520,7 +389,8 @@ class ChatOpenAICompatible(ChatOpenAI):
         return replies
 
     def _remember_ignores_n(self) -> None:
-        _IGNORES_N[(self.endpoint, self.model_name)] = True
+        with _REGISTRY_LOCK:
+            _IGNORES_N[(self.endpoint, self.model_name)] = True
 
     def _call_kwargs(self, seed: int | None, kwargs: dict[str, Any], n: int) -> dict[str, Any]:
         if "seed" in kwargs or "n" in kwargs:
@@ -691,7 +561,12 @@ def _rejects_n(exc: openai.BadRequestError) -> bool:
 
 def _is_loopback(base_url: str) -> bool:
     host = urlsplit(base_url).hostname or ""
-    return host.startswith(_LOOPBACK) or host in ("localhost", "::1")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost
+        return False
 
 
 def openai_compatible(
