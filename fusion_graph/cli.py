@@ -27,6 +27,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from fusion_graph.batch.commands import eval_command, synth
 from fusion_graph.errors import DecisionError, NotEnoughCandidatesError
 from fusion_graph.nodes.select import LLMJudge, MajorityVote, PairwiseJudge, Selector
 from fusion_graph.wrap import FusionResult, FusionRunnable, best_of_n, fusion_of_n, to_messages
@@ -404,6 +405,10 @@ def ask(
         typer.echo(json.dumps(_result_json(text, result, seconds), indent=2, ensure_ascii=False))
     else:
         typer.echo(str(result.message.text))
+
+
+app.command("synth")(synth)
+app.command("eval")(eval_command)
 
 
 def main() -> None:

@@ -303,7 +303,9 @@ async def _sampled_group(
         outcomes = []
         for k, (index, seed) in enumerate(zip(indices, seeds, strict=True)):
             if result.error is not None:
-                one = CallResult[Any](None, result.error, result.attempts, result.latency_s)
+                one: CallResult[Any] = CallResult(
+                    None, result.error, result.attempts, result.latency_s
+                )
             else:
                 assert result.value is not None
                 value = result.value[k]

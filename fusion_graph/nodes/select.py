@@ -351,7 +351,7 @@ class PairwiseJudge(Selector):
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _HASHES = re.compile(r"####\s*(.+)")
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*(.+)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)\s*(\S.*)", re.IGNORECASE | re.DOTALL)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 
 

@@ -95,14 +95,13 @@ def test_synth_end_to_end_then_replay_with_every_model_unreachable(tmp_path: Pat
 
 
 def test_synth_resumes_after_sigkill_without_losing_or_duplicating_rows(tmp_path: Path) -> None:
-    words = ["cat", "dog", "sun", "tree", "red", "sea"]
+    words = ["cat", "dog", "sun", "tree", "red"]
     texts = [f"Give one word that rhymes with {w}." for w in words]
     prompts = _prompts(tmp_path / "p.jsonl", texts)
     out = tmp_path / "out.jsonl"
     args = [
         sys.executable, "-m", "fusion_graph.batch.commands", "synth", str(prompts),
-        "-o", str(out), "-t", "local", "-t", "local:temperature=0.9,name=hot",
-        "--selector", "vote", "--concurrency", "1", *TOKENS,
+        "-o", str(out), "-t", "local", "--selector", "vote", "--concurrency", "1", *TOKENS,
     ]  # fmt: skip
     log = tmp_path / "first-run.log"
     with log.open("wb") as errors:
@@ -114,7 +113,8 @@ def test_synth_resumes_after_sigkill_without_losing_or_duplicating_rows(tmp_path
                     break
                 time.sleep(0.05)
             running = proc.poll() is None
-            os.kill(proc.pid, signal.SIGKILL)
+            if running:
+                os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.wait(timeout=30)
     assert running, f"synth ended before it could be killed: {log.read_text()}"

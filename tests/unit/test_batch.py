@@ -536,6 +536,8 @@ def test_normalize_and_matching() -> None:
     assert not contains_answer("It is 123.", ["12"])  # whole words only
     assert contains_answer("2 + 2 = four", ["4", "four"])
     assert not contains_answer("anything", [])
+    # "The answer is:" then a line break: the whole reply is scored, not an empty part.
+    assert contains_answer("The answer is:\nThe capital of France is Paris.", ["Paris"])
     assert not exact_match("", [""])
 
 

@@ -322,3 +322,18 @@ def test_fence_tags_echoed_by_a_weak_fusor_are_removed(mode: Mode) -> None:
     fusor = FakeChatModel(replies=['<candidate index="0">\nParis.\n</candidate>'])
     answer = mode.invoke(fusion_of_n(FakeChatModel(), n=2, fusor=fusor), "q?")
     assert answer.content == "Paris."
+
+
+def test_a_failed_multi_sample_call_fails_its_candidates_not_the_run(mode: Mode) -> None:
+    class Broken(FakeSamplingChatModel):
+        def sample_n(self, messages: Any, *, seeds: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("batch lost")
+
+        async def asample_n(self, messages: Any, *, seeds: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("batch lost")
+
+    ok = FakeChatModel(replies=["fine"], model_name="ok")
+    result = mode.run(fusion_of_n([Broken(), ok], n=4, fusor=FakeChatModel()), "q?")
+    assert [c.ok for c in result.candidates] == [False, True, False, True]
+    assert result.candidates[0].error is not None
+    assert result.candidates[0].error.message == "batch lost"

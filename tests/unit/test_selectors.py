@@ -163,6 +163,7 @@ def test_majority_vote_normalises_answers(mode: Mode) -> None:
         ("\\boxed{42}", "42"),
         ("work...\n#### 1,234", "1234"),
         ("  Hello   World!  ", "hello world"),
+        ("The answer is:\nParis", "paris"),
     ],
 )
 def test_final_answer(text: str, key: str) -> None:
