@@ -114,13 +114,13 @@ async def test_stopping_an_astream_early_releases_the_model(model: ChatLocalMode
             break
     assert _lock_is_free(model)
     # Through the public API, LangChain closes the inner stream in a finaliser task: the lock
-    # is released within a token or two, long before the 300 tokens (~4 s) would be done.
+    # is released within a token or two, long before the 300 tokens would be done.
     outer = model.astream(story, max_tokens=300, temperature=0.0)
     assert isinstance(outer, AsyncGenerator)
     async with aclosing(outer) as public:
         async for _ in public:
             break
-    for _ in range(100):
+    for _ in range(200):
         if _lock_is_free(model):
             break
         await asyncio.sleep(0.01)
@@ -155,6 +155,7 @@ def test_sample_n_gives_independent_candidates_from_one_prompt_pass(
         assert meta["finish_reason"] in {"stop", "length"}
         # The prompt was decoded once for the whole batch, not once per candidate.
         assert meta["prompt_eval_tokens"] == usage["input_tokens"]
+        assert meta["latency_s"] > 0
         texts.append(reply.text)
     assert len(set(texts)) >= 3
     # The prompt is the one create_chat_completion sees (same chat template, same tokens).
