@@ -13,15 +13,16 @@ Thread safety
     blocked, and a stream holds the lock until it ends or its consumer closes it.
 
 Batching
-    Running N candidates one after another decodes the prompt N times and uses the CPU poorly.
-    :meth:`ChatLocalModel.sample_n` instead formats the prompt with the GGUF chat template
-    (exactly as ``create_chat_completion`` does), decodes it once into sequence 0 of a second
-    llama.cpp context that shares the loaded weights (``n_seq_max >= N``, unified KV cache sized
-    ``prompt + N * max_tokens``), copies that KV cache to sequences 1..N-1 with
-    ``llama_memory_seq_cp``, and then decodes one token per unfinished sequence per step in a
-    single ``llama_decode`` batch. Each sequence has its own sampler chain (top-k, top-p, min-p,
-    temperature, then ``dist`` seeded with that candidate's seed), so the N samples are
-    independent and reproducible.
+    N candidates made one after another cost N * max_tokens one-token ``llama_decode`` calls,
+    which leave the CPU underused. :meth:`ChatLocalModel.sample_n` instead formats the prompt
+    with the GGUF chat template (exactly as ``create_chat_completion`` does), decodes it once
+    into sequence 0 of a second llama.cpp context that shares the loaded weights
+    (``n_seq_max >= N``, unified KV cache sized ``prompt + N * max_tokens``), copies that KV
+    cache to sequences 1..N-1 with ``llama_memory_seq_cp``, and then decodes one token per
+    unfinished sequence per step in a single ``llama_decode`` batch. Each sequence has its own
+    sampler chain (top-k, top-p, min-p, temperature, then ``dist`` seeded with that candidate's
+    seed), so the N samples are independent and reproducible. The batched context is used
+    under the same per-file lock.
 """
 
 from __future__ import annotations
