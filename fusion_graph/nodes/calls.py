@@ -3,7 +3,7 @@ the bridge between the sync and async APIs.
 
 There is one orchestration, written with asyncio. The async API runs it on the caller's
 event loop and calls models with ``ainvoke``. The sync API runs the same coroutine on a
-private event loop and calls models with ``invoke`` on a thread pool of our own, sized for
+background event loop and calls models with ``invoke`` on a thread pool of our own, sized for
 the fan-out (the default pools hold ``cpu_count + 4`` threads: six on a 2-core machine, too
 few for N=8 parallel candidates).
 """
@@ -11,8 +11,10 @@ few for N=8 parallel candidates).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import inspect
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +38,69 @@ T = TypeVar("T")
 _EXECUTOR = ThreadPoolExecutor(max_workers=512, thread_name_prefix="fusion-graph")
 
 
+class _Portal:
+    """One event loop on a daemon thread, started on first use, that runs the coroutines
+    of every sync call. Cheaper than ``asyncio.run`` per call, which measurably delays
+    returning after a wide fan-out (about 50 ms at N=64, see benchmarks/README.md)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="fusion-graph-loop", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def on_loop_thread(self) -> bool:
+        return self._thread is threading.current_thread()
+
+
+_PORTAL = _Portal()
+
+
 def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from sync code, with the caller's context.
 
-    Uses ``asyncio.run`` in this thread, or, when this thread already runs an event loop
-    (sync API called from async code), a helper thread.
+    The coroutine runs on a shared background event loop; the calling thread waits. (A
+    sync call made from a coroutine already on that loop runs on a loop of its own in a
+    helper thread instead, so it cannot block the loop it waits for.)
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
     ctx = contextvars.copy_context()
-    return _EXECUTOR.submit(ctx.run, asyncio.run, make()).result()
+    if _PORTAL.on_loop_thread():
+        return _EXECUTOR.submit(ctx.run, asyncio.run, make()).result()
+    loop = _PORTAL.loop()
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def start() -> None:
+        task = loop.create_task(make(), context=ctx)
+        task.add_done_callback(lambda t: _settle(t, done))
+        done.add_done_callback(lambda _: task.cancel() if done.cancelled() else None)
+
+    loop.call_soon_threadsafe(start)
+    try:
+        return done.result()
+    except BaseException:
+        done.cancel()  # e.g. KeyboardInterrupt in the caller: stop the run as well
+        raise
+
+
+def _settle(task: asyncio.Task[T], done: concurrent.futures.Future[T]) -> None:
+    if done.cancelled():
+        return
+    if task.cancelled():
+        done.cancel()
+    elif (exc := task.exception()) is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(task.result())
 
 
 def _retry_predicate(policy: RetryPolicy) -> Callable[[BaseException], bool]:

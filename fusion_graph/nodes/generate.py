@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import patch_config, set_config_context
+from langchain_core.runnables.config import set_config_context
 from langgraph.constants import TAG_NOSTREAM
 
 from fusion_graph.hooks import CallInfo, current_hooks
@@ -201,13 +201,17 @@ def role_config(
     config: RunnableConfig, *, role: str, run_name: str, index: int | None = None
 ) -> RunnableConfig:
     """A child config tagged with the call's role (and candidate index), kept out of
-    LangGraph's ``messages`` stream so only the final answer streams token by token."""
-    child = patch_config(config, run_name=run_name)
-    metadata = {**child.get("metadata", {}), ROLE_KEY: role}
+    LangGraph's ``messages`` stream so only the final answer streams token by token.
+
+    A shallow copy: this runs once per model call, N at a time, so it stays cheap."""
+    child = RunnableConfig(**config)
+    child.pop("run_id", None)  # the caller's run id belongs to the caller's run
+    child["run_name"] = run_name
+    metadata = {**config.get("metadata", {}), ROLE_KEY: role}
     if index is not None:
         metadata[INDEX_KEY] = index
     child["metadata"] = metadata
-    child["tags"] = [*child.get("tags", []), TAG_NOSTREAM]
+    child["tags"] = [*config.get("tags", []), TAG_NOSTREAM]
     return child
 
 
