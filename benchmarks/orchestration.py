@@ -218,12 +218,14 @@ def tracing_cost(n: int = 16, latency: float = LATENCY, repeats: int = 5) -> dic
         for _ in range(20):
             await fast.ainvoke("q")
 
-    def measure() -> tuple[float, float]:
-        wall = _median_async(lambda: slow.ainvoke("q"), repeats)
-        asyncio.run(cpu_runs())
+    def cpu() -> float:
         start = time.process_time()
         asyncio.run(cpu_runs())
-        return wall, time.process_time() - start
+        return time.process_time() - start
+
+    def measure() -> tuple[float, float]:
+        wall = _median_async(lambda: slow.ainvoke("q"), repeats)
+        return wall, min(cpu() for _ in range(4))  # the first run pays one-time costs
 
     wall_off, cpu_off = measure()
     provider = TracerProvider()
@@ -239,5 +241,4 @@ def tracing_cost(n: int = 16, latency: float = LATENCY, repeats: int = 5) -> dic
         "n": n,
         "wall_extra": wall_on / wall_off - 1,
         "cpu_extra": cpu_on / cpu_off - 1,
-        "spans_per_run": len(exporter.get_finished_spans()) / (repeats + 1 + 40),
     }
