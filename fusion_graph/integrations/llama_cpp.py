@@ -314,6 +314,25 @@ def _room(n_prompt: int, max_tokens: int, n_ctx: int) -> int:
     return min(max_tokens, n_ctx - n_prompt)
 
 
+def _chat_completion(
+    entry: _LoadedModel, chat: list[dict[str, str]], opts: _Options, seed: int, *, stream: bool
+) -> tuple[int, Any]:
+    """The prompt's token count and one ``create_chat_completion`` (a result, or a chunk
+    iterator when streaming) with our sampling chain; the caller holds the lock."""
+    n_prompt = len(entry.prompt_tokens(chat))
+    return n_prompt, entry.llama.create_chat_completion(
+        messages=chat,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        top_k=_TOP_K,
+        min_p=_MIN_P,
+        max_tokens=_room(n_prompt, opts.max_tokens, entry.n_ctx),
+        stop=opts.stop,
+        seed=seed,
+        stream=stream,
+    )
+
+
 def _usage(input_tokens: int, output_tokens: int) -> UsageMetadata:
     return UsageMetadata(
         input_tokens=input_tokens,
@@ -439,18 +458,7 @@ class ChatLocalModel(BaseChatModel):
         entry = self._loaded()
         seed = opts.seed if opts.seed is not None else _fresh_seed()
         with entry.lock:
-            n_prompt = len(entry.prompt_tokens(chat))
-            max_tokens = _room(n_prompt, opts.max_tokens, entry.n_ctx)
-            result = entry.llama.create_chat_completion(
-                messages=chat,
-                temperature=opts.temperature,
-                top_p=opts.top_p,
-                top_k=_TOP_K,
-                min_p=_MIN_P,
-                max_tokens=max_tokens,
-                stop=opts.stop,
-                seed=seed,
-            )
+            _, result = _chat_completion(entry, chat, opts, seed, stream=False)
         choice = result["choices"][0]
         usage = result["usage"]
         message = AIMessage(
@@ -483,19 +491,7 @@ class ChatLocalModel(BaseChatModel):
         entry = self._loaded()
         seed = opts.seed if opts.seed is not None else _fresh_seed()
         with entry.lock:
-            n_prompt = len(entry.prompt_tokens(chat))
-            max_tokens = _room(n_prompt, opts.max_tokens, entry.n_ctx)
-            parts = entry.llama.create_chat_completion(
-                messages=chat,
-                temperature=opts.temperature,
-                top_p=opts.top_p,
-                top_k=_TOP_K,
-                min_p=_MIN_P,
-                max_tokens=max_tokens,
-                stop=opts.stop,
-                seed=seed,
-                stream=True,
-            )
+            n_prompt, parts = _chat_completion(entry, chat, opts, seed, stream=True)
             texts: list[str] = []
             finish_reason: str | None = None
             with contextlib.closing(parts):
