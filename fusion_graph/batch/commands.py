@@ -17,6 +17,7 @@ import asyncio
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -154,6 +155,24 @@ def _decider_spec(
         return ModelSpec.parse(text).with_defaults(temperature=temperature, max_tokens=max_tokens)
     except ValueError as exc:
         raise _cli_error(str(exc), code=2) from None
+
+
+@dataclass(frozen=True)
+class _Deciders:
+    """Builds the recorded fusor / judge models of one job (their calls go through the store)."""
+
+    first: ModelSpec
+    defaults: Defaults
+    endpoints: Endpoints
+    db: CandidateStore
+    stats: JobStats
+
+    def model(
+        self, text: str | None, *, role: str, temperature: float, max_tokens: int | None
+    ) -> RecordedModel:
+        spec = _decider_spec(text, self.first, temperature=temperature, max_tokens=max_tokens)
+        handle = build_handle(spec, self.defaults, self.endpoints)
+        return RecordedModel(handle, self.db, self.stats, role=role)
 
 
 def _read(
@@ -377,17 +396,12 @@ async def _synth(
     stats = JobStats()
     with CandidateStore(store_path) as db:
         handles = build_pool(specs, defaults, endpoints)
-        fusor_spec = _decider_spec(fusor, specs[0], temperature=0.2, max_tokens=None)
-        fusor_model = RecordedModel(
-            build_handle(fusor_spec, defaults, endpoints), db, stats, role="fusor"
-        )
+        deciders = _Deciders(specs[0], defaults, endpoints, db, stats)
+        fusor_model = deciders.model(fusor, role="fusor", temperature=0.2, max_tokens=None)
         judge_model = None
         if selector is not SelectorChoice.vote:
-            judge_spec = _decider_spec(
-                judge, specs[0], temperature=0.0, max_tokens=JUDGE_MAX_TOKENS
-            )
-            judge_model = RecordedModel(
-                build_handle(judge_spec, defaults, endpoints), db, stats, role="judge"
+            judge_model = deciders.model(
+                judge, role="judge", temperature=0.0, max_tokens=JUDGE_MAX_TOKENS
             )
         synthesizer = Synthesizer(
             Pool(handles, db, stats),
@@ -676,22 +690,16 @@ async def _eval(
     stats = JobStats()
     with CandidateStore(store_path) as db:
         handles = build_pool(specs, defaults, endpoints)
-        judge_spec = _decider_spec(judge, specs[0], temperature=0.0, max_tokens=JUDGE_MAX_TOKENS)
-        judge_model = RecordedModel(
-            build_handle(judge_spec, defaults, endpoints), db, stats, role="judge"
+        deciders = _Deciders(specs[0], defaults, endpoints, db, stats)
+        judge_model = deciders.model(
+            judge, role="judge", temperature=0.0, max_tokens=JUDGE_MAX_TOKENS
         )
         rate_model = judge_model
         if winrate_judge is not None:
-            rate_spec = _decider_spec(
-                winrate_judge, specs[0], temperature=0.0, max_tokens=JUDGE_MAX_TOKENS
+            rate_model = deciders.model(
+                winrate_judge, role="winrate-judge", temperature=0.0, max_tokens=JUDGE_MAX_TOKENS
             )
-            rate_model = RecordedModel(
-                build_handle(rate_spec, defaults, endpoints), db, stats, role="winrate-judge"
-            )
-        fusor_spec = _decider_spec(fusor, specs[0], temperature=0.2, max_tokens=None)
-        fusor_model = RecordedModel(
-            build_handle(fusor_spec, defaults, endpoints), db, stats, role="fusor"
-        )
+        fusor_model = deciders.model(fusor, role="fusor", temperature=0.2, max_tokens=None)
         evaluator = Evaluator(
             pool=Pool(handles, db, stats),
             strategies=default_strategies(
