@@ -13,6 +13,8 @@ import os
 
 from langchain_core.language_models import BaseChatModel
 
+from fusion_graph.models import ModelSpec, build_model
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the model options every example takes."""
@@ -28,16 +30,11 @@ def chat_model(
     args: argparse.Namespace, *, temperature: float = 0.7, max_tokens: int = 128
 ) -> BaseChatModel:
     """The embedded local model, or the OpenAI-compatible model named on the command line."""
-    if args.base_url:
-        from langchain_openai import ChatOpenAI
-
-        return ChatOpenAI(
-            base_url=args.base_url,
-            model=args.model or "default",
-            api_key=os.environ.get(args.api_key_env) or "not-needed",
-            temperature=temperature,
-            max_completion_tokens=max_tokens,
-        )
-    from fusion_graph.integrations.llama_cpp import ChatLocalModel
-
-    return ChatLocalModel(temperature=temperature, max_tokens=max_tokens, n_ctx=8192)
+    spec = (
+        ModelSpec.parse(f"openai:{args.base_url}:{args.model or 'default'}")
+        if args.base_url
+        else ModelSpec.parse("local")
+    )
+    return build_model(
+        spec, temperature=temperature, max_tokens=max_tokens, api_key_env=args.api_key_env
+    )

@@ -39,7 +39,7 @@ class TicketState(TypedDict, total=False):
 def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__ or "").parse_args(argv)
     llm = chat_model(args, max_tokens=96)
-    fusion = create_fusion_graph(generator=llm, n=args.n, strategy="fusion", fusor=llm).compile()
+    fusion = create_fusion_graph(llm, n=args.n, strategy="fusion", fusor=llm).compile()
 
     # 1. Shared `messages`: add the compiled subgraph as a node.
     builder = StateGraph(MessagesState)

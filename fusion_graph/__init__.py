@@ -2,36 +2,36 @@
 
 Wrap a chat model, any Runnable or a LangGraph node so that one call becomes N parallel
 candidates, optionally critiqued, then fused into one answer by a fusor model (FusioN,
-arXiv 2510.00931) or selected by a judge, a reward function or a vote (BoN).
+arXiv 2510.00931) or selected by a judge, a reward function or a vote (BoN). The two
+halves are public too: :class:`Fuse` and :class:`Select` decide among candidates you
+already have.
 """
 
-from fusion_graph.errors import (
-    DecisionError,
-    FusionGraphError,
-    NotEnoughCandidatesError,
-    SelectorOutputError,
-)
+from importlib.metadata import PackageNotFoundError, version
+
+from fusion_graph.errors import DecisionError, FusionGraphError, NotEnoughCandidatesError
 from fusion_graph.graph import create_fusion_graph
-from fusion_graph.nodes.select import (
-    LLMJudge,
-    MajorityVote,
-    PairwiseJudge,
-    RewardFunction,
-    Selection,
-    SelectionContext,
-    Selector,
-)
+from fusion_graph.nodes.decide import Selector
+from fusion_graph.nodes.fuse import Fuse
+from fusion_graph.nodes.judges import LLMJudge, PairwiseJudge
+from fusion_graph.nodes.select import MajorityVote, Select
 from fusion_graph.prompts import PromptTemplate
-from fusion_graph.state import Candidate, Critique, Decision, FusionState, TokenUsage
-from fusion_graph.wrap import FusionNode, FusionResult, FusionRunnable, best_of_n, fusion_of_n
+from fusion_graph.state import FusionState
+from fusion_graph.types import Candidate, Decision, ErrorInfo, FusionResult, TokenUsage
+from fusion_graph.wrap import FusionRunnable, best_of_n, fusion_of_n
+
+try:
+    __version__ = version("fusion-graph")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Candidate",
-    "Critique",
     "Decision",
     "DecisionError",
+    "ErrorInfo",
+    "Fuse",
     "FusionGraphError",
-    "FusionNode",
     "FusionResult",
     "FusionRunnable",
     "FusionState",
@@ -40,11 +40,8 @@ __all__ = [
     "NotEnoughCandidatesError",
     "PairwiseJudge",
     "PromptTemplate",
-    "RewardFunction",
-    "Selection",
-    "SelectionContext",
+    "Select",
     "Selector",
-    "SelectorOutputError",
     "TokenUsage",
     "best_of_n",
     "create_fusion_graph",

@@ -1,4 +1,4 @@
-"""The few exceptions users catch.
+"""The few exceptions users catch, in one hierarchy under :class:`FusionGraphError`.
 
 Misuse (bad options) raises ``ValueError`` / ``TypeError`` when the wrapper or graph is
 built. A single failed candidate is never raised: it is data on that candidate.
@@ -10,18 +10,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
-    from fusion_graph.state import Candidate
+    from fusion_graph.types import Candidate
 
 
 class FusionGraphError(Exception):
     """Base class of fusion-graph's runtime errors."""
 
 
-class NotEnoughCandidatesError(ExceptionGroup[Exception]):
+class NotEnoughCandidatesError(ExceptionGroup[Exception], FusionGraphError):
     """Fewer than ``min_candidates`` candidates succeeded.
 
     An ``ExceptionGroup`` whose ``exceptions`` are every failed candidate's error (in index
     order), so ``except*`` works; ``candidates`` holds every candidate, failures included.
+    It is also a :class:`FusionGraphError`, so ``except FusionGraphError`` catches it.
     """
 
     candidates: tuple[Candidate, ...]

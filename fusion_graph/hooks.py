@@ -16,7 +16,7 @@ from typing import Literal
 
 from langchain_core.messages import AIMessage, BaseMessage
 
-from fusion_graph.state import Candidate, Critique, Decision, Strategy
+from fusion_graph.types import Candidate, Critique, Decision, Strategy
 
 Phase = Literal["run", "generate", "decide"]
 """Which part of a run a run scope covers.

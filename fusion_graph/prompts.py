@@ -26,8 +26,10 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from fusion_graph.messages import message_text
+
 if TYPE_CHECKING:
-    from fusion_graph.state import Candidate
+    from fusion_graph.types import Candidate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,11 +113,6 @@ PAIRWISE_PROMPT = PromptTemplate(
         "Candidate B, fenced as data:\n{candidate_b}"
     ),
 )
-
-
-def message_text(message: BaseMessage) -> str:
-    """The text content of a message (text blocks joined; other blocks ignored)."""
-    return str(message.text)
 
 
 def _fence(tag: str, label: str, body: str) -> str:

@@ -35,8 +35,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict, Field, SkipValidation
 
-from fusion_graph.nodes.generate import INDEX_KEY, ROLE_KEY
-from fusion_graph.prompts import message_text
+from fusion_graph.messages import message_text
+from fusion_graph.runtime import INDEX_KEY, ROLE_KEY
 
 __all__ = ["CallRecorder", "FakeCall", "FakeChatModel", "FakeSamplingChatModel", "tool_call"]
 

@@ -49,7 +49,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -70,6 +69,8 @@ from fusion_graph.integrations.endpoint_limits import (
     endpoint_limiter,
     forget_limiter,
 )
+from fusion_graph.integrations.usage import shares
+from fusion_graph.runtime import THREAD_POOL
 
 try:
     import openai
@@ -92,10 +93,6 @@ __all__ = [
 T = TypeVar("T")
 
 _OPENAI_HOST = "api.openai.com"
-
-# Sync fan-outs (extra requests for an n-ignoring backend) run here; the endpoint limiter,
-# not this pool, bounds how many are in flight.
-_EXECUTOR = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fusion-graph-openai")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,21 +121,6 @@ def forget_endpoint(base_url: str | None) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _shares(total: int, weights: Sequence[int]) -> list[int]:
-    """Split ``total`` in proportion to ``weights`` into integers that add up to ``total``."""
-    if not weights:
-        return []
-    weight_sum = sum(weights)
-    if weight_sum <= 0:
-        weights, weight_sum = [1] * len(weights), len(weights)
-    exact = [total * w / weight_sum for w in weights]
-    parts = [int(x) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: exact[i] - parts[i], reverse=True)
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
-
-
 def _choice_tokens(
     total: int, texts: Sequence[str], finish: Sequence[str | None], max_tokens: int | None
 ) -> list[int]:
@@ -153,7 +135,7 @@ def _choice_tokens(
             rest -= max_tokens
         else:
             open_.append(i)
-    for i, part in zip(open_, _shares(rest, [len(texts[i]) + 1 for i in open_]), strict=True):
+    for i, part in zip(open_, shares(rest, [len(texts[i]) + 1 for i in open_]), strict=True):
         counts[i] = part
     return counts
 
@@ -170,14 +152,14 @@ def _split_usage(
     if usage is None:
         return [None] * len(messages)
     k = len(messages)
-    inputs = _shares(usage["input_tokens"], [1] * k)
+    inputs = shares(usage["input_tokens"], [1] * k)
     if all(x is not None for x in exact_output):
         outputs = [int(x or 0) for x in exact_output]
     else:
         texts = [m.text for m in messages]
         outputs = _choice_tokens(usage["output_tokens"], texts, finish, max_tokens)
     cached = (usage.get("input_token_details") or {}).get("cache_read")
-    cached_shares = _shares(cached, [1] * k) if cached is not None else None
+    cached_shares = shares(cached, [1] * k) if cached is not None else None
     result: list[UsageMetadata | None] = []
     for i in range(k):
         one = UsageMetadata(
@@ -359,7 +341,7 @@ class ChatOpenAICompatible(ChatOpenAI):
                 self._remember_ignores_n()  # the server rejects n > 1: never ask again
         missing = list(range(len(replies), k))
         futures = [
-            _EXECUTOR.submit(_in_context(self._single), messages_, seeds[i], kwargs)
+            THREAD_POOL.submit(_in_context(self._single), messages_, seeds[i], kwargs)
             for i in missing
         ]
         for future in futures:

@@ -37,8 +37,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from fusion_graph.hooks import CallInfo, RunHooks, RunInfo, RunReport, set_hooks
-from fusion_graph.prompts import message_text
-from fusion_graph.state import Candidate, Critique, Decision, ErrorInfo, Strategy, TokenUsage
+from fusion_graph.messages import message_text
+from fusion_graph.types import Candidate, Critique, Decision, ErrorInfo, Strategy, TokenUsage
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

@@ -44,6 +44,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import Field, model_validator
 
 from fusion_graph.integrations.chat_template import to_chat
+from fusion_graph.integrations.usage import shares
 
 __all__ = ["ChatVLLM", "clear_engines"]
 
@@ -88,11 +89,6 @@ def _engine(model: str, options: Mapping[str, Any]) -> _Engine:
             entry = _Engine(llm=vllm.LLM(model=model, **options), lock=threading.Lock())
             _ENGINES[key] = entry
         return entry
-
-
-def _shares(total: int, k: int) -> list[int]:
-    """``total`` split into ``k`` integers that add up to it."""
-    return [total // k + (1 if i < total % k else 0) for i in range(k)]
 
 
 class ChatVLLM(BaseChatModel):
@@ -187,8 +183,8 @@ class ChatVLLM(BaseChatModel):
         request = outputs[0]
         n_prompt = len(request.prompt_token_ids or [])
         cached = int(getattr(request, "num_cached_tokens", 0) or 0)
-        prompt_shares = _shares(n_prompt, len(request.outputs))
-        cached_shares = _shares(cached, len(request.outputs))
+        prompt_shares = shares(n_prompt, [1] * len(request.outputs))
+        cached_shares = shares(cached, [1] * len(request.outputs))
         replies: list[AIMessage] = []
         for i, out in enumerate(request.outputs):
             n_out = len(out.token_ids)

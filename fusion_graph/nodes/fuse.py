@@ -4,78 +4,110 @@ candidate (with its critiques) and writes one answer."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from contextvars import ContextVar
 from typing import Any
 
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    message_chunk_to_message,
-)
-from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import patch_config
+from langchain_core.messages import AIMessage, AIMessageChunk, message_chunk_to_message
+from langchain_core.runnables import Runnable
 
-from fusion_graph.nodes.calls import Caller, CallResult
-from fusion_graph.nodes.generate import ROLE_KEY, _check_reply
-from fusion_graph.prompts import PromptTemplate, build_fusion_messages
-from fusion_graph.state import Candidate
+from fusion_graph.messages import as_reply
+from fusion_graph.nodes.decide import Decider, SelectionContext, Selector, TokenSink
+from fusion_graph.nodes.select import DEFAULT_FALLBACK
+from fusion_graph.prompts import FUSION_PROMPT, PromptTemplate, build_fusion_messages
+from fusion_graph.runtime import model_name, role_config
+from fusion_graph.types import Decision, TokenUsage
 
 
-def fusor_config(config: RunnableConfig) -> RunnableConfig:
-    """The fusor's config: unlike candidates, it streams in LangGraph's ``messages`` mode."""
-    child = patch_config(config, run_name="fusor")
-    child["metadata"] = {**child.get("metadata", {}), ROLE_KEY: "fusor"}
-    return child
+class Fuse(Decider):
+    """FusioN: the fusor writes one answer from all candidates.
 
+    Args:
+        fusor: The chat model that writes the final answer. Bind it to the same tools as
+            the generators (``llm.bind_tools(tools)``) to let it answer with tool calls.
+        prompt: The fusion prompt template.
+        fallback: Selector used if the fusor fails (default :class:`MajorityVote`);
+            ``None`` raises :class:`~fusion_graph.DecisionError` instead.
 
-async def call_fusor(
-    fusor: Runnable[Any, Any],
-    template: PromptTemplate,
-    conversation: Sequence[BaseMessage],
-    candidates: Sequence[Candidate],
-    config: RunnableConfig,
-    caller: Caller,
-) -> tuple[AIMessage | None, CallResult[Any]]:
-    """Ask the fusor for the fused answer; ``(None, result)`` when it failed or its reply
-    was empty (the result then carries the error)."""
-    messages = build_fusion_messages(template, conversation, candidates)
-    child = fusor_config(config)
+    Example:
+        >>> from fusion_graph import Fuse
+        >>> fuse = Fuse(llm)  # doctest: +SKIP
+        >>> message, decision = fuse.decide("Capital?", ["Paris", "Lyon"])  # doctest: +SKIP
+    """
 
-    def check(reply: Any) -> AIMessage:
-        message = AIMessage(content=reply) if isinstance(reply, str) else reply
-        if not isinstance(message, AIMessage):
-            msg = f"the fusor returned {type(reply).__name__}, expected an AIMessage"
+    strategy = "fusion"
+
+    def __init__(
+        self,
+        fusor: Runnable[Any, Any],
+        *,
+        prompt: PromptTemplate = FUSION_PROMPT,
+        fallback: Selector | None = DEFAULT_FALLBACK,
+    ) -> None:
+        if not isinstance(fusor, Runnable):
+            msg = f"fusor must be a chat model or Runnable, got {type(fusor).__name__}"
             raise TypeError(msg)
-        return _check_reply(strip_fences(message))
+        if not isinstance(prompt, PromptTemplate):
+            msg = f"prompt must be a PromptTemplate, got {type(prompt).__name__}"
+            raise TypeError(msg)
+        self.fusor = fusor
+        self.prompt = prompt
+        self.fallback = _check_fallback(fallback)
 
-    sink = token_sink.get()
-    if sink is None:
-        result = await caller.call(
-            lambda: check(fusor.invoke(messages, child)),
-            _acheck(fusor, messages, child, check),
+    @property
+    def method(self) -> str:
+        return f"fusion:{model_name(self.fusor)}"
+
+    async def attempt(
+        self, context: SelectionContext, *, on_token: TokenSink | None = None
+    ) -> tuple[AIMessage, Decision]:
+        messages = build_fusion_messages(self.prompt, context.conversation, context.candidates)
+        config = role_config(context.config, role="fusor", run_name="fusor", stream=True)
+        fusor = self.fusor
+
+        def check(reply: Any) -> AIMessage:
+            return as_reply(strip_fences(as_reply(reply, who="the fusor")), who="the fusor")
+
+        if on_token is None:
+
+            def invoke() -> AIMessage:
+                return check(fusor.invoke(messages, config))
+
+            async def ainvoke() -> AIMessage:
+                return check(await fusor.ainvoke(messages, config))
+
+            result = await context.caller.call(invoke, ainvoke)
+        else:
+
+            def stream() -> AIMessage:
+                return check(_joined([_sent(on_token, c) for c in fusor.stream(messages, config)]))
+
+            async def astream() -> AIMessage:
+                chunks = [_sent(on_token, c) async for c in fusor.astream(messages, config)]
+                return check(_joined(chunks))
+
+            result = await context.caller.call(stream, astream)
+        if result.error is not None:
+            raise result.error
+        message = result.value
+        assert message is not None
+        decision = Decision(
+            strategy="fusion", fused=True, method=self.method, usage=TokenUsage.of(message)
         )
-    else:
-
-        def stream() -> AIMessage:
-            return check(_joined(sink(c) for c in fusor.stream(messages, child)))
-
-        async def astream() -> AIMessage:
-            return check(_joined([sink(c) async for c in fusor.astream(messages, child)]))
-
-        result = await caller.call(stream, astream)
-    return (result.value if result.error is None else None), result
+        return message, decision
 
 
-token_sink: ContextVar[Callable[[Any], Any] | None] = ContextVar(
-    "fusion_graph_token_sink", default=None
-)
-"""Set by ``FusionRunnable.stream``: receives the fusor's chunks as they are generated
-(and must return each chunk it gets)."""
+def _check_fallback(fallback: object) -> Selector | None:
+    if fallback is not None and not isinstance(fallback, Selector):
+        msg = f"fallback must be a Selector or None, got {type(fallback).__name__}"
+        raise TypeError(msg)
+    return fallback
 
 
-def _joined(chunks: Iterable[Any]) -> AIMessage:
+def _sent(on_token: TokenSink, chunk: Any) -> Any:
+    on_token(chunk if isinstance(chunk, AIMessageChunk) else AIMessageChunk(content=str(chunk)))
+    return chunk
+
+
+def _joined(chunks: list[Any]) -> AIMessage:
     total: AIMessageChunk | None = None
     for chunk in chunks:
         piece = chunk if isinstance(chunk, AIMessageChunk) else AIMessageChunk(content=str(chunk))
@@ -94,12 +126,3 @@ def strip_fences(message: AIMessage) -> AIMessage:
         return message
     cleaned = _FENCE_LINE.sub("", message.content).strip()
     return message.model_copy(update={"content": cleaned})
-
-
-def _acheck(
-    fusor: Runnable[Any, Any], messages: list[BaseMessage], config: RunnableConfig, check: Any
-) -> Any:
-    async def call() -> AIMessage:
-        return check(await fusor.ainvoke(messages, config))  # type: ignore[no-any-return]
-
-    return call

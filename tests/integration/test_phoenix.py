@@ -184,7 +184,7 @@ def test_fusion_traces_reach_phoenix(phoenix: Phoenix) -> None:
     question, answer = f"question-{uuid.uuid4().hex}", f"answer-{uuid.uuid4().hex}"
     try:
         graph = create_fusion_graph(
-            generator=FakeChatModel(replies=texts, model_name="gen"),
+            FakeChatModel(replies=texts, model_name="gen"),
             n=3,
             strategy="fusion",
             fusor=FakeChatModel(replies=[answer], model_name="fusor"),

@@ -32,7 +32,7 @@ def _invoke(mode: Mode, graph: Any, value: Any, config: Any = None) -> Any:
 def test_subgraph_is_uncompiled_and_keeps_everything_in_state(mode: Mode) -> None:
     rec = CallRecorder()
     builder = create_fusion_graph(
-        generator=meeting_model(3, rec, threads=mode.sync, replies=["a", "b", "c"]),
+        meeting_model(3, rec, threads=mode.sync, replies=["a", "b", "c"]),
         n=3,
         strategy="fusion",
         fusor=FakeChatModel(replies=["fused"]),
@@ -48,7 +48,7 @@ def test_subgraph_is_uncompiled_and_keeps_everything_in_state(mode: Mode) -> Non
 
 def test_subgraph_best_of_n(mode: Mode) -> None:
     builder = create_fusion_graph(
-        generator=FakeChatModel(replies=["7", "8", "7"]),
+        FakeChatModel(replies=["7", "8", "7"]),
         n=3,
         strategy="best_of_n",
         selector=MajorityVote(),
@@ -61,7 +61,7 @@ def test_subgraph_best_of_n(mode: Mode) -> None:
 
 def test_subgraph_below_quorum_raises_but_candidates_are_checkpointed(mode: Mode) -> None:
     gen = FakeChatModel(replies=[RuntimeError("down")])
-    graph = create_fusion_graph(generator=gen, n=2, strategy="fusion", fusor=FakeChatModel())
+    graph = create_fusion_graph(gen, n=2, strategy="fusion", fusor=FakeChatModel())
     app = graph.compile(checkpointer=InMemorySaver())
     config: RunnableConfig = {"configurable": {"thread_id": "t"}}
     with pytest.raises(NotEnoughCandidatesError):
@@ -72,7 +72,7 @@ def test_subgraph_below_quorum_raises_but_candidates_are_checkpointed(mode: Mode
 
 def test_subgraph_as_a_node_of_a_parent_graph(mode: Mode) -> None:
     fusion = create_fusion_graph(
-        generator=FakeChatModel(replies=["x", "y"]),
+        FakeChatModel(replies=["x", "y"]),
         n=2,
         strategy="fusion",
         fusor=FakeChatModel(replies=["fused answer"]),
@@ -252,7 +252,7 @@ def test_candidates_of_a_failed_fusor_step_graph_resume_without_regenerating(mod
         return "fused" if healthy["up"] else RuntimeError("fusor crashed")
 
     graph = create_fusion_graph(
-        generator=FakeChatModel(replies=["a", "b", "c"], recorder=rec),
+        FakeChatModel(replies=["a", "b", "c"], recorder=rec),
         n=3,
         strategy="fusion",
         fusor=FakeChatModel(replies=fusor_reply, recorder=rec),

@@ -16,7 +16,8 @@ from fusion_graph import (
     PairwiseJudge,
     best_of_n,
 )
-from fusion_graph.nodes.select import final_answer, parse_judge_output, parse_pairwise_output
+from fusion_graph.nodes.judges import parse_judge_output, parse_pairwise_output
+from fusion_graph.nodes.select import final_answer
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, tool_call
 from tests.conftest import Mode, meeting_model
 

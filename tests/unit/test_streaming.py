@@ -57,7 +57,7 @@ def test_stream_raises_the_run_error(mode: Mode) -> None:
 
 def test_graph_streams_progress_then_fusor_tokens(mode: Mode) -> None:
     graph = create_fusion_graph(
-        generator=FakeChatModel(replies=["alpha one", "beta two", "gamma three"], delay=0.02),
+        FakeChatModel(replies=["alpha one", "beta two", "gamma three"], delay=0.02),
         n=3,
         strategy="fusion",
         fusor=FakeChatModel(replies=[FUSED]),

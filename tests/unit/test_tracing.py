@@ -32,8 +32,8 @@ from fusion_graph.integrations.opentelemetry import (
     OTelHooks,
     configure_otlp,
 )
-from fusion_graph.state import Strategy
 from fusion_graph.testing import FakeCall, FakeChatModel
+from fusion_graph.types import Strategy
 from tests.conftest import Mode
 
 ANSWERS = ["Paris", "Lyon", "Paris, on the Seine"]
@@ -353,7 +353,7 @@ def test_subgraph_phases(mode: Mode, tracing: Tracing, strategy: Strategy) -> No
         else {"selector": MajorityVote()}
     )
     graph = create_fusion_graph(
-        generator=FakeChatModel(replies=ANSWERS), n=3, strategy=strategy, **options
+        FakeChatModel(replies=ANSWERS), n=3, strategy=strategy, **options
     ).compile()
     tracer = tracing.provider.get_tracer("caller")
     with tracer.start_as_current_span("caller") as caller:

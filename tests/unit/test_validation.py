@@ -8,7 +8,7 @@ import pytest
 from langgraph.types import RetryPolicy
 
 from fusion_graph import LLMJudge, MajorityVote, best_of_n, create_fusion_graph, fusion_of_n
-from fusion_graph.engine import MAX_CANDIDATES
+from fusion_graph.nodes.fanout import MAX_CANDIDATES
 from fusion_graph.testing import FakeChatModel
 from tests.conftest import Mode
 
@@ -73,17 +73,13 @@ def test_empty_pool_and_mixed_pool() -> None:
 
 def test_graph_strategy_needs_matching_decider() -> None:
     with pytest.raises(ValueError, match="strategy must be"):
-        create_fusion_graph(generator=llm, n=2, strategy="vote", fusor=llm)  # type: ignore[arg-type]
+        create_fusion_graph(llm, n=2, strategy="vote", fusor=llm)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fusion takes a fusor, not a selector"):
-        create_fusion_graph(
-            generator=llm, n=2, strategy="fusion", fusor=llm, selector=MajorityVote()
-        )
+        create_fusion_graph(llm, n=2, strategy="fusion", fusor=llm, selector=MajorityVote())
     with pytest.raises(ValueError, match="best_of_n takes a selector, not a fusor"):
-        create_fusion_graph(
-            generator=llm, n=2, strategy="best_of_n", selector=MajorityVote(), fusor=llm
-        )
+        create_fusion_graph(llm, n=2, strategy="best_of_n", selector=MajorityVote(), fusor=llm)
     with pytest.raises(ValueError, match="best_of_n needs a selector"):
-        create_fusion_graph(generator=llm, n=2, strategy="best_of_n")
+        create_fusion_graph(llm, n=2, strategy="best_of_n")
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", [], [("user", "  ")]])

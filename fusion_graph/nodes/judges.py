@@ -1,0 +1,278 @@
+"""Best-of-N by an LLM judge: pointwise scores (:class:`LLMJudge`) or a pairwise knockout
+tournament (:class:`PairwiseJudge`).
+
+Every judge validates what its model says. An answer that cannot be parsed (or a score
+far outside 1-10) leaves that candidate unscored; when no candidate could be scored at
+all the judge raises :class:`~fusion_graph.errors.SelectorOutputError`, and the decider's
+fallback selector decides instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from typing import Any, Literal
+
+from langchain_core.messages import BaseMessage
+from langchain_core.runnables import Runnable
+from pydantic import BaseModel, Field
+
+from fusion_graph.errors import SelectorOutputError
+from fusion_graph.messages import message_text
+from fusion_graph.nodes.decide import Selection, SelectionContext, Selector
+from fusion_graph.nodes.select import MajorityVote, best_index
+from fusion_graph.prompts import (
+    JUDGE_PROMPT,
+    PAIRWISE_PROMPT,
+    PromptTemplate,
+    build_judge_messages,
+    build_pairwise_messages,
+)
+from fusion_graph.runtime import model_name
+from fusion_graph.types import Candidate, TokenUsage
+
+# --- pointwise LLM judge -----------------------------------------------------------------
+
+_JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
+_SCORE_TEXT = re.compile(r"score\W{0,3}(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+_BARE_NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*\.?\s*$")
+
+
+class JudgeVerdict(BaseModel):
+    """Structured output of :class:`LLMJudge`."""
+
+    score: int = Field(description="Quality of the reply, 1 (useless) to 10 (perfect).")
+    rationale: str = Field(default="", description="One sentence explaining the score.")
+
+
+def _valid_score(value: object) -> float | None:
+    """Scores within 0-10 are clamped to 1-10; anything else is not a score."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or not 0 <= number <= 10:
+        return None
+    return max(1.0, number)
+
+
+def parse_judge_output(text: str) -> tuple[float | None, str | None]:
+    """``(score, rationale)`` from a judge's reply: JSON first, then ``score: N``, then a
+    bare number. Unparseable or out-of-range answers give ``(None, None)``."""
+    for blob in _JSON_OBJECT.findall(text):
+        try:
+            data = json.loads(blob)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and "score" in data:
+            rationale = data.get("rationale")
+            return _valid_score(data["score"]), rationale if isinstance(rationale, str) else None
+    for pattern in (_SCORE_TEXT, _BARE_NUMBER):
+        found = pattern.search(text)
+        if found:
+            return _valid_score(found.group(1)), None
+    return None, None
+
+
+class LLMJudge(Selector):
+    """Best-of-N by an LLM judge that scores each candidate alone (1-10, with a rationale),
+    all candidates in parallel. The highest score wins; ties go to the lowest index.
+
+    Args:
+        model: The judge chat model.
+        prompt: The judge prompt (default :data:`~fusion_graph.prompts.JUDGE_PROMPT`).
+        structured: Ask for structured output (``with_structured_output``) instead of
+            parsing JSON from text. Use it with models that call tools reliably; the
+            default text parsing works with any chat model.
+
+    Example:
+        >>> from fusion_graph import LLMJudge, best_of_n
+        >>> best = best_of_n(llm, n=4, selector=LLMJudge(judge_llm))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Runnable[Any, Any],
+        *,
+        prompt: PromptTemplate = JUDGE_PROMPT,
+        structured: bool = False,
+    ) -> None:
+        if not isinstance(model, Runnable):
+            msg = f"LLMJudge needs a chat model or Runnable, got {type(model).__name__}"
+            raise TypeError(msg)
+        self.model = model
+        self.prompt = prompt
+        self.structured = structured
+        self.name = f"llm_judge:{model_name(model)}"
+        self._runnable: Runnable[Any, Any] = (
+            model.with_structured_output(JudgeVerdict, include_raw=True)  # type: ignore[attr-defined]
+            if structured
+            else model
+        )
+
+    async def _judge(
+        self, context: SelectionContext, candidate: Candidate
+    ) -> tuple[float | None, str | None, Any]:
+        messages = build_judge_messages(self.prompt, context.conversation, candidate)
+        try:
+            reply = await context.ask(
+                self._runnable, messages, run_name=f"judge[{candidate.index}]"
+            )
+        except Exception:  # a failed judge call leaves this candidate unscored
+            return None, None, None
+        if self.structured and isinstance(reply, dict):
+            parsed, raw = reply.get("parsed"), reply.get("raw")
+            if isinstance(parsed, JudgeVerdict):
+                return _valid_score(parsed.score), parsed.rationale, raw
+            reply = raw
+        text = message_text(reply) if isinstance(reply, BaseMessage) else str(reply)
+        score, rationale = parse_judge_output(text)
+        return score, rationale, reply
+
+    async def select(self, context: SelectionContext) -> Selection:
+        verdicts = await asyncio.gather(*(self._judge(context, c) for c in context.candidates))
+        scores = {
+            c.index: score
+            for c, (score, _, _) in zip(context.candidates, verdicts, strict=True)
+            if score is not None
+        }
+        usage = TokenUsage.sum(TokenUsage.of(raw) for _, _, raw in verdicts)
+        if not scores:
+            msg = (
+                f"the judge {model_name(self.model)} gave no valid 1-10 score for any of "
+                f"{len(context.candidates)} candidates"
+            )
+            raise SelectorOutputError(msg)
+        best = best_index(scores)
+        rationale = verdicts[[c.index for c in context.candidates].index(best)][1]
+        return Selection(
+            index=best, score=scores[best], scores=scores, rationale=rationale, usage=usage
+        )
+
+
+# --- pairwise knockout -------------------------------------------------------------------
+
+_WINNER_TEXT = re.compile(r"\b(?:winner|better)\W{0,4}(A|B|tie)\b", re.IGNORECASE)
+_LONE_VERDICT = re.compile(r"^\W*(A|B|tie)\W*$", re.IGNORECASE)
+
+
+def parse_pairwise_output(text: str) -> str | None:
+    """``"A"``, ``"B"`` or ``"tie"`` from a pairwise judge's reply; ``None`` if unclear."""
+    for blob in _JSON_OBJECT.findall(text):
+        try:
+            data = json.loads(blob)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and isinstance(data.get("winner"), str):
+            winner = data["winner"].strip().upper()
+            return {"A": "A", "B": "B", "TIE": "tie"}.get(winner)
+    for pattern in (_WINNER_TEXT, _LONE_VERDICT):
+        found = pattern.search(text.strip())
+        if found:
+            value = found.group(1).upper()
+            return "tie" if value == "TIE" else value
+    return None
+
+
+PairOutcome = Literal["win", "tie", "loss"]
+"""How the first of two answers did against the second."""
+
+
+def combine_verdicts(forward: str | None, backward: str | None) -> PairOutcome:
+    """The outcome for answer X from a pairwise judge's two verdicts: ``forward`` with X
+    shown as A, ``backward`` with X shown as B. X wins with more of the two votes, loses
+    with fewer, and ties otherwise (ties, disagreeing orders, unparseable verdicts)."""
+    mine = (forward == "A") + (backward == "B")
+    theirs = (forward == "B") + (backward == "A")
+    if mine > theirs:
+        return "win"
+    if mine < theirs:
+        return "loss"
+    return "tie"
+
+
+class PairwiseJudge(Selector):
+    """Best-of-N by a knockout tournament of pairwise comparisons.
+
+    Each pair is judged twice, once in each order, to cancel the judge's position bias:
+    a candidate wins its match with more of the two votes; a draw (ties, disagreeing
+    orders or unparseable verdicts) goes to the lower index. Matches of a round run in
+    parallel; an odd candidate out gets a bye. A candidate's score is its matches won.
+    """
+
+    def __init__(
+        self, model: Runnable[Any, Any], *, prompt: PromptTemplate = PAIRWISE_PROMPT
+    ) -> None:
+        if not isinstance(model, Runnable):
+            msg = f"PairwiseJudge needs a chat model or Runnable, got {type(model).__name__}"
+            raise TypeError(msg)
+        self.model = model
+        self.prompt = prompt
+        self.name = f"pairwise_judge:{model_name(model)}"
+
+    async def _verdict(
+        self, context: SelectionContext, first: Candidate, second: Candidate
+    ) -> tuple[str | None, Any]:
+        messages = build_pairwise_messages(self.prompt, context.conversation, first, second)
+        try:
+            reply = await context.ask(
+                self.model, messages, run_name=f"pairwise[{first.index}v{second.index}]"
+            )
+        except Exception:
+            return None, None
+        text = message_text(reply) if isinstance(reply, BaseMessage) else str(reply)
+        return parse_pairwise_output(text), reply
+
+    async def _match(
+        self, context: SelectionContext, a: Candidate, b: Candidate
+    ) -> tuple[Candidate, list[tuple[str | None, Any]]]:
+        forward, backward = await asyncio.gather(
+            self._verdict(context, a, b), self._verdict(context, b, a)
+        )
+        outcome = combine_verdicts(forward[0], backward[0])
+        return (b if outcome == "loss" else a), [forward, backward]
+
+    async def select(self, context: SelectionContext) -> Selection:
+        alive = sorted(context.candidates, key=lambda c: c.index)
+        wins = {c.index: 0.0 for c in alive}
+        verdicts: list[tuple[str | None, Any]] = []
+        while len(alive) > 1:
+            pairs = list(zip(alive[::2], alive[1::2], strict=False))
+            results = await asyncio.gather(*(self._match(context, a, b) for a, b in pairs))
+            survivors = []
+            for winner, votes in results:
+                wins[winner.index] += 1
+                verdicts.extend(votes)
+                survivors.append(winner)
+            if len(alive) % 2:
+                survivors.append(alive[-1])
+            alive = sorted(survivors, key=lambda c: c.index)
+        if verdicts and all(v is None for v, _ in verdicts):
+            msg = f"the pairwise judge {model_name(self.model)} gave no valid verdict in any match"
+            raise SelectorOutputError(msg)
+        winner = alive[0]
+        usage = TokenUsage.sum(TokenUsage.of(raw) for _, raw in verdicts)
+        return Selection(index=winner.index, score=wins[winner.index], scores=wins, usage=usage)
+
+
+SELECTOR_NAMES = ("judge", "pairwise", "vote")
+"""The selectors the command line, the batch jobs and the proxy know by name."""
+
+
+def make_selector(name: str, judge: Runnable[Any, Any] | None = None) -> Selector:
+    """The selector called ``name``: ``"judge"`` (:class:`LLMJudge`), ``"pairwise"``
+    (:class:`PairwiseJudge`) or ``"vote"`` (:class:`~fusion_graph.MajorityVote`); the
+    judges need the ``judge`` model."""
+    if name == "vote":
+        return MajorityVote()
+    if name not in SELECTOR_NAMES:
+        msg = f"unknown selector {name!r}: choose from {', '.join(SELECTOR_NAMES)}"
+        raise ValueError(msg)
+    if judge is None:
+        msg = f"the {name} selector needs a judge model"
+        raise ValueError(msg)
+    return LLMJudge(judge) if name == "judge" else PairwiseJudge(judge)

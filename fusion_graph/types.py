@@ -1,0 +1,205 @@
+"""The data that a Best-of-N / Fusion-of-N run produces and keeps.
+
+Everything generated stays here: successful and failed candidates, their critiques,
+token usage and timings, and the decision. These models live in graph state (and so in a
+checkpointer), so they are plain pydantic models that serialise cleanly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+Strategy = Literal["fusion", "best_of_n"]
+"""How the N candidates become one answer.
+
+* ``"fusion"``: a fusor model reads every candidate and writes one answer (FusioN).
+* ``"best_of_n"``: a selector picks one candidate unchanged (BoN).
+"""
+
+
+class TokenUsage(BaseModel):
+    """Token counts as reported by the model (zero when the model reports none)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input_tokens: int = 0
+    """Prompt tokens."""
+    output_tokens: int = 0
+    """Generated tokens."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
+
+    @classmethod
+    def sum(cls, usages: Iterable[TokenUsage | None]) -> TokenUsage | None:
+        """The sum of the usages given, ``None`` entries skipped; ``None`` if none is left."""
+        present = [u for u in usages if u is not None]
+        if not present:
+            return None
+        total = present[0]
+        for usage in present[1:]:
+            total = total + usage
+        return total
+
+    @classmethod
+    def of(cls, message: object) -> TokenUsage | None:
+        """The usage a message reports, or ``None`` when it is not an ``AIMessage`` or
+        reports none."""
+        meta = message.usage_metadata if isinstance(message, AIMessage) else None
+        if not meta:
+            return None
+        return cls(
+            input_tokens=meta.get("input_tokens", 0), output_tokens=meta.get("output_tokens", 0)
+        )
+
+
+class ErrorInfo(BaseModel):
+    """Why a call failed, kept as data (the exception itself is not serialisable)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    """The exception's class name, e.g. ``"TimeoutError"``."""
+    message: str
+    """The exception's message."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ErrorInfo:
+        return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+class Critique(BaseModel):
+    """One critic's notes on one candidate."""
+
+    model: str
+    """The critic model that wrote it."""
+    text: str = ""
+    """The critique itself (empty if the critic failed)."""
+    score: float | None = None
+    """A 1-10 score if the critic gave one it could be parsed from."""
+    error: ErrorInfo | None = None
+    """Set when the critic call failed; the candidate itself stays usable."""
+    usage: TokenUsage | None = None
+    """Tokens the critic call used."""
+    latency_s: float = 0.0
+    """Wall time of the critic call, in seconds."""
+
+
+class Candidate(BaseModel):
+    """One of the N answers, successful or not."""
+
+    index: int
+    """Position in the fan-out, 0-based. Candidates are always kept in index order."""
+    model: str
+    """Name of the model (or node) that made it."""
+    message: AIMessage | None = None
+    """The model's reply (text and/or tool calls); ``None`` if the call failed."""
+    text: str = ""
+    """The reply's text content."""
+    error: ErrorInfo | None = None
+    """Set when the candidate failed (after its retries)."""
+    critiques: list[Critique] = Field(default_factory=list)
+    """Critiques of this candidate, if a critic was configured."""
+    usage: TokenUsage | None = None
+    """Tokens the generation used, when the model reports them."""
+    latency_s: float = 0.0
+    """Wall time from the first attempt's start to the last attempt's end, in seconds."""
+    attempts: int = 1
+    """How many attempts were made (more than one when retries kicked in)."""
+    seed: int | None = None
+    """The sampling seed this candidate was given, where the model takes one."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the candidate produced a reply."""
+        return self.error is None and self.message is not None
+
+    @classmethod
+    def of(
+        cls, answer: Candidate | AIMessage | str, *, index: int, model: str = "given"
+    ) -> Candidate:
+        """A candidate from an answer you already have (a string or an ``AIMessage``);
+        a :class:`Candidate` is returned re-indexed."""
+        if isinstance(answer, Candidate):
+            return answer if answer.index == index else answer.model_copy(update={"index": index})
+        message = AIMessage(content=answer) if isinstance(answer, str) else answer
+        if not isinstance(message, AIMessage):
+            kind = type(answer).__name__
+            msg = f"a candidate must be a Candidate, an AIMessage or a str, got {kind}"
+            raise TypeError(msg)
+        return cls(
+            index=index,
+            model=model,
+            message=message,
+            text=str(message.text),
+            usage=TokenUsage.of(message),
+        )
+
+
+class Decision(BaseModel):
+    """How the candidates became the final answer."""
+
+    strategy: Strategy
+    """``"fusion"`` or ``"best_of_n"``."""
+    fused: bool = False
+    """True when a fusor wrote the final answer."""
+    selected_index: int | None = None
+    """The winning candidate's index when one was selected (BoN, or a fusion fallback)."""
+    score: float | None = None
+    """The winner's score under the selector that picked it."""
+    scores: dict[int, float] = Field(default_factory=dict)
+    """Every scored candidate's score, by index."""
+    method: str
+    """What decided: the fusor's model name, or the selector's name."""
+    fallback: bool = False
+    """True when the configured fusor or selector failed and the fallback selector decided."""
+    fallback_reason: str | None = None
+    """Why the fallback was used."""
+    rationale: str | None = None
+    """A short explanation, when the selector gives one."""
+    usage: TokenUsage | None = None
+    """Tokens used by the decision calls (fusor or judges)."""
+    latency_s: float = 0.0
+    """Wall time of the decision, in seconds."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusionResult:
+    """Everything one run produced: what ``FusionRunnable.run`` returns."""
+
+    message: AIMessage
+    """The final answer."""
+    candidates: list[Candidate]
+    """Every candidate, index order, failures included."""
+    decision: Decision
+    """How the answer was reached."""
+    update: dict[str, Any] | None = None
+    """For a wrapped node: the update of the candidate the answer builds on."""
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        """Tokens of every call the run made: candidates, critiques and the decision."""
+        return TokenUsage.sum(
+            [
+                *(c.usage for c in self.candidates),
+                *(k.usage for c in self.candidates for k in c.critiques),
+                self.decision.usage,
+            ]
+        )
