@@ -182,33 +182,12 @@ def build_fusion_messages(
     return [SystemMessage(system), *rest, HumanMessage(template.user.format(candidates=block))]
 
 
-def build_critique_messages(
+def build_review_messages(
     template: PromptTemplate, conversation: Sequence[BaseMessage], candidate: Candidate
 ) -> list[BaseMessage]:
-    """The critic's input for one candidate (its own critiques are not shown)."""
-    bare = candidate.model_copy(update={"critiques": []})
-    return [
-        SystemMessage(template.system),
-        HumanMessage(
-            template.user.format(
-                conversation=render_transcript(conversation), candidate=render_candidate(bare)
-            )
-        ),
-    ]
-
-
-def build_judge_messages(
-    template: PromptTemplate, conversation: Sequence[BaseMessage], candidate: Candidate
-) -> list[BaseMessage]:
-    """A pointwise judge's input for one candidate (critiques included)."""
-    return [
-        SystemMessage(template.system),
-        HumanMessage(
-            template.user.format(
-                conversation=render_transcript(conversation), candidate=render_candidate(candidate)
-            )
-        ),
-    ]
+    """A critic's or pointwise judge's input for one candidate: the conversation as a
+    transcript and the fenced candidate (with the critiques it carries)."""
+    return build_transcript_messages(template, conversation, candidate=render_candidate(candidate))
 
 
 def build_pairwise_messages(
@@ -218,13 +197,18 @@ def build_pairwise_messages(
     second: Candidate,
 ) -> list[BaseMessage]:
     """A pairwise judge's input: ``first`` is shown as A, ``second`` as B."""
-    return [
-        SystemMessage(template.system),
-        HumanMessage(
-            template.user.format(
-                conversation=render_transcript(conversation),
-                candidate_a=render_candidate(first, label="A"),
-                candidate_b=render_candidate(second, label="B"),
-            )
-        ),
-    ]
+    return build_transcript_messages(
+        template,
+        conversation,
+        candidate_a=render_candidate(first, label="A"),
+        candidate_b=render_candidate(second, label="B"),
+    )
+
+
+def build_transcript_messages(
+    template: PromptTemplate, conversation: Sequence[BaseMessage], **fields: str
+) -> list[BaseMessage]:
+    """The system part, then the user part filled with the conversation as a transcript
+    and ``fields`` (the fenced candidates)."""
+    user = template.user.format(conversation=render_transcript(conversation), **fields)
+    return [SystemMessage(template.system), HumanMessage(user)]

@@ -12,7 +12,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from fusion_graph.hooks import CallInfo, current_hooks
 from fusion_graph.messages import message_text
-from fusion_graph.prompts import PromptTemplate, build_critique_messages
+from fusion_graph.prompts import PromptTemplate, build_review_messages
 from fusion_graph.runtime import Caller, CallResult, model_name, role_config
 from fusion_graph.types import Candidate, Critique, ErrorInfo, TokenUsage
 
@@ -36,7 +36,8 @@ async def critique(
     caller: Caller,
 ) -> Critique:
     """The critic's notes on ``candidate``; a failed critic call is recorded, not raised."""
-    messages = build_critique_messages(prompt, conversation, candidate)
+    bare = candidate.model_copy(update={"critiques": []})  # not its own earlier critiques
+    messages = build_review_messages(prompt, conversation, bare)
     child = role_config(
         config, role="critic", run_name=f"critique[{candidate.index}]", index=candidate.index
     )

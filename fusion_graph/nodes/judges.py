@@ -27,8 +27,8 @@ from fusion_graph.prompts import (
     JUDGE_PROMPT,
     PAIRWISE_PROMPT,
     PromptTemplate,
-    build_judge_messages,
     build_pairwise_messages,
+    build_review_messages,
 )
 from fusion_graph.runtime import model_name
 from fusion_graph.types import Candidate, TokenUsage
@@ -117,7 +117,7 @@ class LLMJudge(Selector):
     async def _judge(
         self, context: SelectionContext, candidate: Candidate
     ) -> tuple[float | None, str | None, Any]:
-        messages = build_judge_messages(self.prompt, context.conversation, candidate)
+        messages = build_review_messages(self.prompt, context.conversation, candidate)
         try:
             reply = await context.ask(
                 self._runnable, messages, run_name=f"judge[{candidate.index}]"
