@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,29 +32,50 @@ TokenSink = Callable[[AIMessageChunk], Any]
 """Receives the fused answer's chunks as the fusor streams them."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class SelectionContext:
     """What a selector gets: the conversation, the successful candidates (index order),
-    and :meth:`ask` to call judge models with the run's retries, timeout and config."""
+    and ways to call models and functions with the run's retries, timeout, concurrency
+    bound and config."""
 
-    conversation: Sequence[BaseMessage]
-    candidates: Sequence[Candidate]
-    config: RunnableConfig = field(default_factory=dict)  # type: ignore[assignment]
-    caller: Caller = field(default_factory=lambda: Caller(sync=False), repr=False)
+    def __init__(
+        self,
+        conversation: Sequence[BaseMessage],
+        candidates: Sequence[Candidate],
+        *,
+        config: RunnableConfig | None = None,
+        caller: Caller | None = None,
+    ) -> None:
+        self.conversation = conversation
+        """The conversation the candidates answer."""
+        self.candidates = candidates
+        """The successful candidates, index order (never empty)."""
+        self.config = config or {}
+        """The run's config: pass it on to calls so callbacks and traces nest."""
+        self._caller = caller or Caller(sync=False)
 
     async def ask(
         self, model: Runnable[Any, Any], messages: list[BaseMessage], *, run_name: str
     ) -> Any:
         """Call a judge model; raises its error after the retries."""
         config = role_config(self.config, role="judge", run_name=run_name)
-        result = await self.caller.call_model(model, messages, config)
+        result = await self._caller.call_model(model, messages, config)
         if result.error is not None:
             raise result.error
         return result.value
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call a plain function (sync or async) with the run's policy; raises its error."""
-        result = await self.caller.call_function(fn, *args)
+        result = await self._caller.call_function(fn, *args)
+        if result.error is not None:
+            raise result.error
+        return result.value
+
+    async def call_either(
+        self, sync_fn: Callable[[], Any], async_fn: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Call ``sync_fn`` (sync API, on a worker thread) or ``async_fn`` (async API) with
+        the run's policy; raises the last error."""
+        result = await self._caller.call(sync_fn, async_fn)
         if result.error is not None:
             raise result.error
         return result.value
@@ -175,9 +196,7 @@ class Decider(ABC):
             msg = "there is no successful candidate to decide among"
             raise DecisionError(msg)
         sink = emit or events.event_sink()
-        context = SelectionContext(
-            conversation=conversation, candidates=ok, config=config, caller=caller
-        )
+        context = SelectionContext(conversation, ok, config=config, caller=caller)
         sink(events.decision_started(self.strategy, self.method))
         with current_hooks().decision(self.strategy, self.method, ok) as done:
             start = time.perf_counter()

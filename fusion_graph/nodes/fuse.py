@@ -74,7 +74,7 @@ class Fuse(Decider):
             async def ainvoke() -> AIMessage:
                 return check(await fusor.ainvoke(messages, config))
 
-            result = await context.caller.call(invoke, ainvoke)
+            message: AIMessage = await context.call_either(invoke, ainvoke)
         else:
 
             def stream() -> AIMessage:
@@ -84,11 +84,7 @@ class Fuse(Decider):
                 chunks = [_sent(on_token, c) async for c in fusor.astream(messages, config)]
                 return check(_joined(chunks))
 
-            result = await context.caller.call(stream, astream)
-        if result.error is not None:
-            raise result.error
-        message = result.value
-        assert message is not None
+            message = await context.call_either(stream, astream)
         decision = Decision(
             strategy="fusion", fused=True, method=self.method, usage=TokenUsage.of(message)
         )

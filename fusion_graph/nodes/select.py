@@ -58,18 +58,17 @@ class RewardFunction(Selector):
 
     async def select(self, context: SelectionContext) -> Selection:
         results = await asyncio.gather(
-            *(
-                context.caller.call_function(self.fn, context.conversation, c)
-                for c in context.candidates
-            )
+            *(context.call(self.fn, context.conversation, c) for c in context.candidates),
+            return_exceptions=True,
         )
         scores: dict[int, float] = {}
-        for candidate, result in zip(context.candidates, results, strict=True):
-            value = result.value
-            if result.error is None and isinstance(value, int | float) and math.isfinite(value):
+        for candidate, value in zip(context.candidates, results, strict=True):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue  # the reward raised, or is not a number
+            if math.isfinite(value):
                 scores[candidate.index] = float(value)
         if not scores:
-            errors = {type(r.error).__name__ for r in results if r.error is not None}
+            errors = {type(r).__name__ for r in results if isinstance(r, Exception)}
             msg = f"the reward function scored none of the candidates (errors: {sorted(errors)})"
             raise SelectorOutputError(msg)
         best = best_index(scores)
