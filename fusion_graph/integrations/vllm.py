@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import threading
 from collections.abc import Mapping, Sequence
@@ -36,15 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import Field, model_validator
 
+from fusion_graph.integrations.blocking import BlockingChatModel
 from fusion_graph.integrations.chat_template import to_chat
-from fusion_graph.integrations.usage import shares
+from fusion_graph.integrations.usage import shares, token_usage
 
 __all__ = ["ChatVLLM", "clear_engines"]
 
@@ -91,7 +90,7 @@ def _engine(model: str, options: Mapping[str, Any]) -> _Engine:
         return entry
 
 
-class ChatVLLM(BaseChatModel):
+class ChatVLLM(BlockingChatModel):
     """A LangChain chat model running a Hugging Face model folder in-process with vLLM.
 
     :meth:`sample_n` / :meth:`asample_n` make N candidates in one ``SamplingParams(n=N)``
@@ -187,13 +186,7 @@ class ChatVLLM(BaseChatModel):
         cached_shares = shares(cached, [1] * len(request.outputs))
         replies: list[AIMessage] = []
         for i, out in enumerate(request.outputs):
-            n_out = len(out.token_ids)
-            usage = UsageMetadata(
-                input_tokens=prompt_shares[i],
-                output_tokens=n_out,
-                total_tokens=prompt_shares[i] + n_out,
-                input_token_details=InputTokenDetails(cache_read=cached_shares[i]),
-            )
+            usage = token_usage(prompt_shares[i], len(out.token_ids), cache_read=cached_shares[i])
             replies.append(
                 AIMessage(
                     content=out.text,
@@ -226,38 +219,20 @@ class ChatVLLM(BaseChatModel):
         (reply,) = self._run(messages, 1, seed, options)
         return ChatResult(generations=[ChatGeneration(message=reply)])
 
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
-
-    def sample_n(
-        self, messages: LanguageModelInput, *, seeds: Sequence[int | None], **kwargs: Any
+    def _sample_n(
+        self, messages: LanguageModelInput, seeds: Sequence[int | None], options: dict[str, Any]
     ) -> list[AIMessage | Exception]:
         """``len(seeds)`` replies to ``messages`` from ONE request, ``SamplingParams(n=N)``.
 
         vLLM takes one seed per request, so the first candidate's seed seeds them all (the N
-        samples still differ). ``kwargs`` may set ``temperature``, ``top_p``, ``max_tokens``
+        samples still differ). ``options`` may set ``temperature``, ``top_p``, ``max_tokens``
         and ``stop``. A failure of the request raises.
         """
-        if "seed" in kwargs:
-            msg = "sample_n takes one seed per candidate; pass seeds=[...] instead of seed=."
-            raise TypeError(msg)
         if not seeds:
             return []
         conversation = self._convert_input(messages).to_messages()
         seed = seeds[0] if seeds[0] is not None else self.seed
         replies: list[AIMessage | Exception] = list(
-            self._run(conversation, len(seeds), seed, kwargs)
+            self._run(conversation, len(seeds), seed, options)
         )
         return replies
-
-    async def asample_n(
-        self, messages: LanguageModelInput, *, seeds: Sequence[int | None], **kwargs: Any
-    ) -> list[AIMessage | Exception]:
-        """Async :meth:`sample_n` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.sample_n, messages, seeds=seeds, **kwargs)

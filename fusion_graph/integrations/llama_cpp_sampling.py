@@ -1,0 +1,64 @@
+"""How the embedded model samples: a call's options, the seeds, the room a prompt leaves in the
+context, and the sampling settings both decoding paths (one reply, N batched replies) share."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "MAX_SEED",
+    "MIN_P",
+    "TOP_K",
+    "FinishReason",
+    "SamplingOptions",
+    "check_seed",
+    "fresh_seed",
+    "room",
+]
+
+# llama-cpp-python's own sampling defaults (create_chat_completion); the batched path uses the
+# same chain so both paths draw from the same distribution.
+TOP_K = 40
+MIN_P = 0.05
+MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed" sentinel.
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The options of one call, checked."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
+    stop: list[str]
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+def check_seed(seed: object) -> int:
+    """A usable llama.cpp seed; ``None`` draws a fresh random one."""
+    if seed is None:
+        return fresh_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        msg = f"A seed must be an int from 0 to {MAX_SEED} or None, not {seed!r}."
+        raise ValueError(msg)
+    return seed
+
+
+def room(n_prompt: int, max_tokens: int, n_ctx: int) -> int:
+    """Tokens that may be generated after an ``n_prompt``-token prompt; raise if none."""
+    if n_prompt >= n_ctx:
+        msg = (
+            f"The prompt is {n_prompt} tokens long but the local model's context holds "
+            f"{n_ctx} tokens; shorten the messages or create ChatLocalModel with a larger "
+            "n_ctx."
+        )
+        raise ValueError(msg)
+    return min(max_tokens, n_ctx - n_prompt)

@@ -1,0 +1,309 @@
+"""One-request fan-out for OpenAI-compatible chat models: the N candidates of a fan-out asked
+for with ``n=k``, with a fallback for servers that ignore or reject ``n``.
+
+Fan-out
+    :class:`ChatOpenAIFanOut` is a ``langchain_openai.ChatOpenAI`` that also implements
+    :class:`~fusion_graph.nodes.fanout.SupportsSampleN`, so fusion-graph hands it all the
+    candidates it makes in ONE call, ``sample_n(messages, seeds=[...])``. It then asks the
+    server for them in one request with ``n=k`` (the prompt is processed once, and vLLM
+    decodes the k samples as one batch) and splits the choices into k replies, each with its
+    own share of the usage. A backend that ignores ``n`` answers with fewer choices (llama.cpp's
+    server returns one); the missing ones are then made by extra concurrent requests, and the
+    endpoint is remembered as one that ignores ``n``, so later fan-outs go straight to k
+    parallel requests. ``supports_n=False`` skips the ``n`` request altogether; ``True`` trusts
+    the server (no extra requests are made even if it returns fewer choices: those candidates
+    fail).
+
+Seeds
+    A request carries one seed. The ``n=k`` request uses the first candidate's seed (vLLM still
+    gives k distinct samples); every separate request uses its own candidate's seed. Servers
+    that reject ``seed`` can be used with ``supports_seed=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import LLMResult
+from langchain_core.runnables import ensure_config
+
+from fusion_graph.integrations.endpoint_limits import endpoint_key
+from fusion_graph.integrations.usage import split_usage
+from fusion_graph.runtime import THREAD_POOL
+
+try:
+    import openai
+    from langchain_openai import ChatOpenAI
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    msg = (
+        "OpenAI-compatible endpoints need langchain-openai; install it with "
+        "`pip install 'fusion-graph[openai]'`."
+    )
+    raise ImportError(msg) from exc
+
+__all__ = ["ChatOpenAIFanOut", "forget_ignores_n"]
+
+T = TypeVar("T")
+
+# What this process learned: (endpoint, model) pairs whose server ignores or rejects n.
+_REGISTRY_LOCK = threading.Lock()
+_IGNORES_N: dict[tuple[str, str], bool] = {}
+
+
+def forget_ignores_n(endpoint: str) -> None:
+    """Forget which models of ``endpoint`` (an :func:`endpoint_key`) were found to ignore
+    ``n``."""
+    with _REGISTRY_LOCK:
+        for known in [k for k in _IGNORES_N if k[0] == endpoint]:
+            del _IGNORES_N[known]
+
+
+class ChatOpenAIFanOut(ChatOpenAI):
+    """``ChatOpenAI`` that makes the N candidates of a fan-out in one ``n=k`` request when the
+    server honours ``n``, else (or for what it left out) in separate concurrent requests, each
+    with its own seed. :class:`~fusion_graph.integrations.openai_compat.ChatOpenAICompatible`
+    adds the per-endpoint bound on requests in flight."""
+
+    supports_n: bool | None = None
+    """Whether the server honours ``n``: None tries and detects (fewer choices than asked
+    means no, and the rest is filled with extra requests); False always sends separate
+    requests; True always trusts one request."""
+    supports_seed: bool = True
+    """Send each request's ``seed``; turn off for servers that reject the field."""
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL requests go to (the key of what is learned about the server)."""
+        return endpoint_key(self.openai_api_base)
+
+    def _ignores_n(self) -> bool:
+        if self.supports_n is not None:
+            return not self.supports_n
+        return _IGNORES_N.get((self.endpoint, self.model_name), False)
+
+    def sample_n(
+        self, messages: LanguageModelInput, *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]:
+        """Make ``len(seeds)`` replies to ``messages``: one request with ``n=k`` when the server
+        honours ``n``, else (or for what it left out) separate concurrent requests.
+
+        ``kwargs`` are call options (``temperature``, ``max_tokens``, ``stop``, ...). A reply
+        that could not be made is that element's exception; when the ``n=k`` request itself
+        fails, this raises (so the caller's retry policy applies to the whole group).
+
+        Each reply's ``response_metadata`` holds ``seed`` (the seed of the request that made
+        it), ``request_n`` (the ``n`` of that request), ``choice_index``, ``latency_s`` (that
+        request's) and ``usage_split`` (True when its usage is a share of the request's).
+        """
+        messages_ = self._convert_input(messages).to_messages()
+        k = len(seeds)
+        if k == 0:
+            return []
+        replies: list[AIMessage | Exception] = []
+        if k > 1 and not self._ignores_n():
+            try:
+                replies = self._n_request(messages_, seeds, kwargs)
+            except openai.BadRequestError as exc:
+                if not self._learn_rejects_n(exc):
+                    raise
+        missing = list(range(len(replies), k))
+        futures = [
+            THREAD_POOL.submit(_in_context(self._single), messages_, seeds[i], kwargs)
+            for i in missing
+        ]
+        for future in futures:
+            replies.append(future.result())
+        return replies
+
+    async def asample_n(
+        self, messages: LanguageModelInput, *, seeds: Sequence[int | None], **kwargs: Any
+    ) -> list[AIMessage | Exception]:
+        """Async :meth:`sample_n`."""
+        messages_ = self._convert_input(messages).to_messages()
+        k = len(seeds)
+        if k == 0:
+            return []
+        replies: list[AIMessage | Exception] = []
+        if k > 1 and not self._ignores_n():
+            try:
+                replies = await self._an_request(messages_, seeds, kwargs)
+            except openai.BadRequestError as exc:
+                if not self._learn_rejects_n(exc):
+                    raise
+        missing = range(len(replies), k)
+        replies += await asyncio.gather(
+            *(self._asingle(messages_, seeds[i], kwargs) for i in missing)
+        )
+        return replies
+
+    def _remember_ignores_n(self) -> None:
+        with _REGISTRY_LOCK:
+            _IGNORES_N[(self.endpoint, self.model_name)] = True
+
+    def _learn_rejects_n(self, exc: openai.BadRequestError) -> bool:
+        """Whether the 400 answer to an ``n=k`` request means the server rejects ``n > 1``
+        (while detecting): then it is remembered, and never asked again."""
+        if self.supports_n is not None or not _rejects_n(exc):
+            return False
+        self._remember_ignores_n()
+        return True
+
+    def _call_kwargs(self, seed: int | None, kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+        if "seed" in kwargs or "n" in kwargs:
+            msg = "sample_n takes one seed per candidate; pass seeds=[...], not seed= or n=."
+            raise TypeError(msg)
+        call: dict[str, Any] = {**kwargs, "stream": False}
+        if seed is not None and self.supports_seed:
+            call["seed"] = seed
+        if n > 1:
+            call["n"] = n
+        return call
+
+    def _n_request(
+        self, messages: list[BaseMessage], seeds: Sequence[int | None], kwargs: dict[str, Any]
+    ) -> list[AIMessage | Exception]:
+        call = self._call_kwargs(seeds[0], kwargs, len(seeds))
+        run = _run_options()
+        start = time.perf_counter()
+        result = self.generate([messages], **run, **call)
+        return self._split(result, seeds, kwargs, time.perf_counter() - start)
+
+    async def _an_request(
+        self, messages: list[BaseMessage], seeds: Sequence[int | None], kwargs: dict[str, Any]
+    ) -> list[AIMessage | Exception]:
+        call = self._call_kwargs(seeds[0], kwargs, len(seeds))
+        run = _run_options()
+        start = time.perf_counter()
+        result = await self.agenerate([messages], **run, **call)
+        return self._split(result, seeds, kwargs, time.perf_counter() - start)
+
+    def _split(
+        self,
+        result: LLMResult,
+        seeds: Sequence[int | None],
+        kwargs: dict[str, Any],
+        latency_s: float,
+    ) -> list[AIMessage | Exception]:
+        """The choices of one ``n=k`` response as separate replies (at most k)."""
+        k = len(seeds)
+        generations = result.generations[0][:k]
+        if len(generations) < k and self.supports_n is None:
+            self._remember_ignores_n()  # fewer choices than asked: the server ignores n
+        messages: list[AIMessage] = []
+        finish: list[str | None] = []
+        exact: list[int | None] = []
+        for generation in generations:
+            message = getattr(generation, "message", None)
+            if not isinstance(message, AIMessage):
+                msg = "The server answered with a choice that is not a chat message."
+                raise TypeError(msg)
+            info = generation.generation_info or {}
+            messages.append(message)
+            finish.append(info.get("finish_reason"))
+            logprobs = info.get("logprobs")
+            content = logprobs.get("content") if isinstance(logprobs, dict) else None
+            exact.append(len(content) if isinstance(content, list) else None)
+        usage = messages[0].usage_metadata if messages else None
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        shares = split_usage(usage, messages, finish, max_tokens, exact)
+        replies: list[AIMessage | Exception] = []
+        for index, (message, share) in enumerate(zip(messages, shares, strict=True)):
+            metadata = {
+                **message.response_metadata,
+                "model_name": self.model_name,
+                "finish_reason": finish[index],
+                "seed": seeds[0],
+                "request_n": k,
+                "choice_index": index,
+                "latency_s": latency_s,
+                "usage_split": share is not None,
+            }
+            replies.append(
+                message.model_copy(update={"usage_metadata": share, "response_metadata": metadata})
+            )
+        if self.supports_n:
+            replies += [
+                RuntimeError(
+                    f"The server returned {len(messages)} choices for n={k}; create the model "
+                    "with supports_n=None (detect) or False so the rest are requested "
+                    "separately."
+                )
+                for _ in range(k - len(messages))
+            ]
+        return replies
+
+    def _single(
+        self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any]
+    ) -> AIMessage | Exception:
+        call = self._call_kwargs(seed, kwargs, 1)
+        run = _run_options()
+        start = time.perf_counter()
+        try:
+            result = self.generate([messages], **run, **call)
+            return self._one(result, seed, time.perf_counter() - start)
+        except Exception as exc:  # one candidate's failure is that candidate's
+            return exc
+
+    async def _asingle(
+        self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any]
+    ) -> AIMessage | Exception:
+        call = self._call_kwargs(seed, kwargs, 1)
+        run = _run_options()
+        start = time.perf_counter()
+        try:
+            result = await self.agenerate([messages], **run, **call)
+            return self._one(result, seed, time.perf_counter() - start)
+        except Exception as exc:
+            return exc
+
+    def _one(self, result: LLMResult, seed: int | None, latency_s: float) -> AIMessage:
+        generation = result.generations[0][0]
+        message = getattr(generation, "message", None)
+        if not isinstance(message, AIMessage):
+            msg = "The server answered with a choice that is not a chat message."
+            raise TypeError(msg)
+        metadata = {
+            **message.response_metadata,
+            "seed": seed,
+            "request_n": 1,
+            "choice_index": 0,
+            "latency_s": latency_s,
+            "usage_split": False,
+        }
+        return message.model_copy(update={"response_metadata": metadata})
+
+
+def _run_options() -> dict[str, Any]:
+    """The callbacks, tags and metadata of the run this call is part of."""
+    config = ensure_config()
+    return {
+        "callbacks": config.get("callbacks"),
+        "tags": config.get("tags"),
+        "metadata": config.get("metadata"),
+    }
+
+
+def _in_context(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` run in a copy of the caller's context (so the run's config follows it)."""
+    ctx = contextvars.copy_context()
+
+    def run(*args: Any) -> T:
+        return ctx.run(fn, *args)
+
+    return run
+
+
+_N_WORD = re.compile(r"(?<![\w-])['\"`]?n['\"`]?(?![\w-])")
+
+
+def _rejects_n(exc: openai.BadRequestError) -> bool:
+    """Whether a 400 answer is about the ``n`` field (a server that only allows n=1)."""
+    return getattr(exc, "param", None) == "n" or bool(_N_WORD.search(exc.message))
