@@ -124,6 +124,11 @@ class FusionOptions:
             raise TypeError(msg)
         if self.temperature is not None:
             _check_number("temperature", self.temperature, positive=False)
+        if not isinstance(self.critique_prompt, PromptTemplate):
+            kind = type(self.critique_prompt).__name__
+            msg = f"critique_prompt must be a PromptTemplate, got {kind}"
+            raise TypeError(msg)
+        self.critique_prompt.check("critique")
         self.decider()  # the decider checks its own arguments (fusor, selector, fallback)
 
     def decider(self) -> Decider:

@@ -11,6 +11,7 @@ and say so in the decision. Deciders are public: call one on candidates you alre
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +28,13 @@ from fusion_graph.hooks import current_hooks
 from fusion_graph.messages import to_messages
 from fusion_graph.runtime import Caller, role_config, run_sync
 from fusion_graph.types import Candidate, Decision, Strategy, TokenUsage
+
+logger = logging.getLogger("fusion_graph")
+
+DECISION_METADATA_KEY = "fusion_graph"
+"""Key under which a fused answer's (or a fallback's) ``response_metadata`` says how it
+was decided: ``strategy``, ``method``, ``fused``, ``selected_index``, ``fallback``,
+``fallback_reason``. A candidate chosen by its selector is returned untouched."""
 
 TokenSink = Callable[[AIMessageChunk], Any]
 """Receives the fused answer's chunks as the fusor streams them."""
@@ -205,7 +213,13 @@ class Decider(ABC):
             except Exception as exc:
                 message, decision = await self._fall_back(context, exc)
             decision = decision.model_copy(update={"latency_s": time.perf_counter() - start})
+            if decision.fused or decision.fallback:  # a selected answer is left as it was
+                message = _annotated(message, decision)
             done(decision, message)
+        if decision.fallback:
+            logger.warning(
+                "%s fell back to %s: %s", self.method, decision.method, decision.fallback_reason
+            )
         sink(events.decision_made(decision))
         return message, decision
 
@@ -234,3 +248,18 @@ class Decider(ABC):
         )
         assert chosen.message is not None
         return chosen.message, decision
+
+
+def _annotated(message: AIMessage, decision: Decision) -> AIMessage:
+    """The answer, with how it was decided in its ``response_metadata`` (a copy: the
+    candidate's own message is left as it was)."""
+    note = {
+        "strategy": decision.strategy,
+        "method": decision.method,
+        "fused": decision.fused,
+        "selected_index": decision.selected_index,
+        "fallback": decision.fallback,
+        "fallback_reason": decision.fallback_reason,
+    }
+    metadata = {**message.response_metadata, DECISION_METADATA_KEY: note}
+    return message.model_copy(update={"response_metadata": metadata})

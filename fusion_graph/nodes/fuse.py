@@ -48,6 +48,7 @@ class Fuse(Decider):
         if not isinstance(prompt, PromptTemplate):
             msg = f"prompt must be a PromptTemplate, got {type(prompt).__name__}"
             raise TypeError(msg)
+        prompt.check("fusion")
         self.fusor = fusor
         self.prompt = prompt
         self.fallback = _check_fallback(fallback)

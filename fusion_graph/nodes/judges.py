@@ -104,6 +104,7 @@ class LLMJudge(Selector):
         if not isinstance(model, Runnable):
             msg = f"LLMJudge needs a chat model or Runnable, got {type(model).__name__}"
             raise TypeError(msg)
+        prompt.check("judge")
         self.model = model
         self.prompt = prompt
         self.structured = structured
@@ -210,6 +211,7 @@ class PairwiseJudge(Selector):
         if not isinstance(model, Runnable):
             msg = f"PairwiseJudge needs a chat model or Runnable, got {type(model).__name__}"
             raise TypeError(msg)
+        prompt.check("pairwise")
         self.model = model
         self.prompt = prompt
         self.name = f"pairwise_judge:{model_name(model)}"
