@@ -125,6 +125,10 @@ class Candidate(BaseModel):
     """How many attempts were made (more than one when retries kicked in)."""
     seed: int | None = None
     """The sampling seed this candidate was given, where the model takes one."""
+    multi_sample_error: ErrorInfo | None = None
+    """Set when this candidate was to come from one multi-sample call (``n=N``) that
+    failed: it was then made by a call of its own (``attempts`` and ``latency_s`` count
+    both)."""
 
     @property
     def ok(self) -> bool:

@@ -314,11 +314,53 @@ class _Run:
                 lambda: model.sample_n(messages, seeds=seeds, **kwargs),
                 lambda: model.asample_n(messages, seeds=seeds, **kwargs),
             )
-            made = []
-            for k, (index, seed) in enumerate(zip(indices, seeds, strict=True)):
-                made.append(_generated(generator, index, seed, _sample(result, k)))
-                done[k](made[-1].candidate)
+            if result.error is not None:
+                # One failed request must not cost every candidate: make them one by one.
+                made = await self._one_by_one(generator, indices, result)
+            else:
+                made = [
+                    _generated(generator, index, seed, _sample(result, k))
+                    for k, (index, seed) in enumerate(zip(indices, seeds, strict=True))
+                ]
+            for k, generated in enumerate(made):
+                done[k](generated.candidate)
         return list(await asyncio.gather(*(self._critiqued(m) for m in made)))
+
+    async def _one_by_one(
+        self, generator: Generator, indices: list[int], failed: CallResult[Any]
+    ) -> list[Generated]:
+        """The candidates of a failed multi-sample call, each made by a call of its own;
+        each records the group's error (``multi_sample_error``), attempts and time."""
+        assert failed.error is not None
+        group_error = ErrorInfo.of(failed.error)
+
+        async def one(index: int) -> Generated:
+            child = role_config(
+                self.config, role="generator", run_name=f"candidate[{index}]", index=index
+            )
+            seed = self.seeds[index]
+            alone = await generator.make(
+                self.conversation,
+                child,
+                self.caller,
+                seed=seed,
+                temperature=self.fan_out.temperature,
+            )
+            total = CallResult(
+                alone.value,
+                alone.error,
+                failed.attempts + alone.attempts,
+                failed.latency_s + alone.latency_s,
+            )
+            made = _generated(generator, index, seed, total)
+            update = {"multi_sample_error": group_error}
+            return Generated(
+                candidate=made.candidate.model_copy(update=update),
+                update=made.update,
+                exception=made.exception,
+            )
+
+        return list(await asyncio.gather(*(one(i) for i in indices)))
 
     async def _critiqued(self, made: Generated) -> Generated:
         critic = self.fan_out.critic

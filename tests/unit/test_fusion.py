@@ -324,7 +324,9 @@ def test_fence_tags_echoed_by_a_weak_fusor_are_removed(mode: Mode) -> None:
     assert answer.content == "Paris."
 
 
-def test_a_failed_multi_sample_call_fails_its_candidates_not_the_run(mode: Mode) -> None:
+def test_a_failed_multi_sample_call_falls_back_to_one_call_per_candidate(mode: Mode) -> None:
+    # One n=N request is a single point of failure: when it fails, its candidates are
+    # made one by one (and say so), instead of all failing together.
     class Broken(FakeSamplingChatModel):
         def sample_n(self, messages: Any, *, seeds: Any, **kwargs: Any) -> Any:
             raise ConnectionError("batch lost")
@@ -332,8 +334,34 @@ def test_a_failed_multi_sample_call_fails_its_candidates_not_the_run(mode: Mode)
         async def asample_n(self, messages: Any, *, seeds: Any, **kwargs: Any) -> Any:
             raise ConnectionError("batch lost")
 
+    rec = CallRecorder()
+    broken = Broken(replies=lambda c: f"alone {c.kwargs.get('seed')}", recorder=rec)
     ok = FakeChatModel(replies=["fine"], model_name="ok")
-    result = mode.run(fusion_of_n([Broken(), ok], n=4, fusor=FakeChatModel()), "q?")
+    result = mode.run(fusion_of_n([broken, ok], n=4, fusor=FakeChatModel(), seed=3), "q?")
+    assert [c.ok for c in result.candidates] == [True, True, True, True]
+    assert [c.text for c in result.candidates] == ["alone 3", "fine", "alone 5", "fine"]
+    for c in (result.candidates[0], result.candidates[2]):
+        assert c.multi_sample_error is not None
+        assert c.multi_sample_error.message == "batch lost"
+        assert c.attempts == 2
+    assert result.candidates[1].multi_sample_error is None
+
+
+def test_a_failed_multi_sample_call_whose_single_calls_fail_keeps_both_errors(
+    mode: Mode,
+) -> None:
+    class Down(FakeSamplingChatModel):
+        def sample_n(self, messages: Any, *, seeds: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("batch lost")
+
+        async def asample_n(self, messages: Any, *, seeds: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("batch lost")
+
+    down = Down(replies=[ConnectionError("still down")])
+    ok = FakeChatModel(replies=["fine"], model_name="ok")
+    result = mode.run(fusion_of_n([down, ok], n=4, fusor=FakeChatModel()), "q?")
     assert [c.ok for c in result.candidates] == [False, True, False, True]
     assert result.candidates[0].error is not None
-    assert result.candidates[0].error.message == "batch lost"
+    assert result.candidates[0].error.message == "still down"
+    assert result.candidates[0].multi_sample_error is not None
+    assert result.candidates[0].multi_sample_error.message == "batch lost"
