@@ -70,6 +70,32 @@ class _Portal:
 _PORTAL = _Portal()
 
 
+class CallAborted(Exception):
+    """A ``KeyboardInterrupt`` or ``SystemExit`` raised inside a call on a worker thread,
+    carried as an ``Exception`` so that it cannot stop the shared event loop. It ends the
+    whole run (it is never a failed candidate), and :func:`run_sync` (or
+    :func:`reraise_aborted` on the async path) raises the original again."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__} inside a model call")
+        self.original = original
+
+
+def _guarded(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        raise CallAborted(exc) from exc
+
+
+async def reraise_aborted(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` (async API), raising a :class:`CallAborted` as its original."""
+    try:
+        return await awaitable
+    except CallAborted as exc:
+        raise exc.original from None
+
+
 def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from sync code, with the caller's context.
 
@@ -79,7 +105,10 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """
     ctx = contextvars.copy_context()
     if _PORTAL.on_loop_thread():
-        return THREAD_POOL.submit(ctx.run, asyncio.run, make()).result()
+        try:
+            return THREAD_POOL.submit(ctx.run, asyncio.run, make()).result()
+        except CallAborted as exc:
+            raise exc.original from None
     loop = _PORTAL.loop()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
@@ -91,6 +120,8 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     loop.call_soon_threadsafe(start)
     try:
         return done.result()
+    except CallAborted as exc:
+        raise exc.original from None
     except BaseException:
         done.cancel()  # e.g. KeyboardInterrupt in the caller: stop the run as well
         raise
@@ -111,7 +142,7 @@ def _retry_predicate(policy: RetryPolicy) -> Callable[[BaseException], bool]:
     retry_on = policy.retry_on
 
     def predicate(exc: BaseException) -> bool:
-        if not isinstance(exc, Exception):
+        if not isinstance(exc, Exception) or isinstance(exc, CallAborted):
             return False
         if isinstance(exc, TimeoutError):  # our own per-attempt timeout: always retryable
             return True
@@ -193,6 +224,8 @@ class Caller:
                 value = await attempt()
             else:
                 value = await self._retrying()(attempt)
+        except CallAborted:
+            raise  # Ctrl-C or exit inside the call: the run ends, the loop lives on
         except Exception as exc:  # recorded, not raised: a failed call is data
             return CallResult(None, exc, attempts, time.perf_counter() - start)
         return CallResult(value, None, attempts, time.perf_counter() - start)
@@ -226,7 +259,7 @@ class Caller:
             assert sync_fn is not None
             ctx = contextvars.copy_context()
             loop = asyncio.get_running_loop()
-            awaitable = loop.run_in_executor(THREAD_POOL, ctx.run, sync_fn)
+            awaitable = loop.run_in_executor(THREAD_POOL, ctx.run, _guarded, sync_fn)
         if self.timeout is None:
             return await awaitable
         try:

@@ -20,7 +20,7 @@ from fusion_graph.hooks import Phase, RunInfo, RunReport, current_hooks
 from fusion_graph.nodes.decide import Decider, TokenSink
 from fusion_graph.nodes.fanout import FanOut, Generated, check_quorum, generator_pool
 from fusion_graph.options import FusionOptions
-from fusion_graph.runtime import Caller
+from fusion_graph.runtime import Caller, reraise_aborted
 from fusion_graph.types import Candidate, Decision, FusionResult
 
 
@@ -59,6 +59,18 @@ class FusionStep:
         on_token: TokenSink | None = None,
     ) -> FusionResult:
         """Both phases, as the wrapped Runnable and the wrapped node use them."""
+        work = self._run(source, conversation, config, sync, on_event, on_token)
+        return await (work if sync else reraise_aborted(work))
+
+    async def _run(
+        self,
+        source: Any,
+        conversation: Sequence[BaseMessage],
+        config: RunnableConfig,
+        sync: bool,
+        on_event: EventSink | None,
+        on_token: TokenSink | None,
+    ) -> FusionResult:
         emit = event_sink(on_event)
         caller = self.caller(sync=sync)
         report = RunReport()
@@ -87,6 +99,12 @@ class FusionStep:
         sync: bool,
     ) -> list[Candidate]:
         """The subgraph's ``generate`` node."""
+        work = self._generate(source, conversation, config, sync)
+        return await (work if sync else reraise_aborted(work))
+
+    async def _generate(
+        self, source: Any, conversation: Sequence[BaseMessage], config: RunnableConfig, sync: bool
+    ) -> list[Candidate]:
         report = RunReport()
         with current_hooks().run(self.run_info("generate", conversation), report):
             made = await self.fan_out.generate(
@@ -104,6 +122,16 @@ class FusionStep:
         sync: bool,
     ) -> tuple[AIMessage, Decision]:
         """The subgraph's ``fuse`` / ``select`` node (checks the quorum first)."""
+        work = self._decide(conversation, candidates, config, sync)
+        return await (work if sync else reraise_aborted(work))
+
+    async def _decide(
+        self,
+        conversation: Sequence[BaseMessage],
+        candidates: Sequence[Candidate],
+        config: RunnableConfig,
+        sync: bool,
+    ) -> tuple[AIMessage, Decision]:
         report = RunReport(candidates=candidates)
         with current_hooks().run(self.run_info("decide", conversation), report):
             check_quorum(candidates, self.options.min_candidates)

@@ -8,11 +8,12 @@ import contextvars
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict, Unpack, cast, overload
 
 from langchain_core.language_models import LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.prompts import BasePromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langgraph.types import RetryPolicy
@@ -82,7 +83,7 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
         """
 
         def run(value: LanguageModelInput, config: RunnableConfig) -> FusionResult:
-            conversation = to_messages(value)
+            conversation = self.conversation(value)
             return run_sync(
                 lambda: self.step.run(
                     value, conversation, config, sync=True, on_event=on_event, on_token=on_token
@@ -103,13 +104,30 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
         """Async :meth:`run`."""
 
         async def arun(value: LanguageModelInput, config: RunnableConfig) -> FusionResult:
-            conversation = to_messages(value)
+            conversation = self.conversation(value)
             return await self.step.run(
                 value, conversation, config, sync=False, on_event=on_event, on_token=on_token
             )
 
         result = await self._acall_with_config(cast("Any", arun), input, ensure_config(config))
         return cast("FusionResult", result)
+
+    def conversation(self, value: Any) -> list[BaseMessage]:
+        """The conversation in an input: a string, messages or a prompt value; for a chain
+        that starts with a prompt template (``prompt | llm``), that prompt's variables."""
+        if not isinstance(value, Mapping):
+            return to_messages(value)
+        prompt = _leading_prompt(self.step.fan_out.generators[0].target)
+        if prompt is not None:
+            return to_messages(prompt.invoke(dict(value)))
+        msg = (
+            f"got a dict (keys: {', '.join(map(str, value)) or 'none'}) as input. A wrapped "
+            "model takes a string, messages or a prompt value; a chain that starts with a "
+            "prompt template (prompt | llm) takes that prompt's variables. To wrap a LangGraph "
+            "node, pass the node function itself, fusion_of_n(node_fn, ...), not "
+            "RunnableLambda(node_fn)."
+        )
+        raise TypeError(msg)
 
     def invoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
@@ -167,6 +185,12 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
         result = task.result()
         if not streamed:
             yield as_chunk(result.message)
+
+
+def _leading_prompt(step: object) -> BasePromptTemplate[Any] | None:
+    """The prompt template a chain starts with (``prompt | llm``), if it starts with one."""
+    first = getattr(step, "first", None)
+    return first if isinstance(first, BasePromptTemplate) else None
 
 
 def as_chunk(message: AIMessage) -> AIMessageChunk:

@@ -166,3 +166,45 @@ def test_every_bad_option_names_itself(kwargs: dict[str, Any], error: type, matc
 def test_given_candidates_of_an_unknown_kind_are_refused() -> None:
     with pytest.raises(TypeError, match="a candidate must be a Candidate, an AIMessage or a str"):
         Fuse(llm).decide("q", [AIMessage(content="a"), 3])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("abort", [KeyboardInterrupt, SystemExit])
+def test_an_abort_inside_one_sync_call_ends_the_run_and_the_loop_lives_on(
+    abort: type[BaseException],
+) -> None:
+    def reply(call: Any) -> Any:
+        if call.index == 1:
+            raise abort()
+        return "fine"
+
+    model = FakeChatModel(replies=reply)
+    with pytest.raises(abort):
+        fusion_of_n(model, n=3, fusor=FakeChatModel(replies=["f"])).invoke("q")
+    # the shared background loop survived: later sync runs work
+    again = fusion_of_n(FakeChatModel(replies=["x"]), n=2, fusor=FakeChatModel(replies=["y"]))
+    assert again.invoke("q").content == "y"
+    assert best_of_n(FakeChatModel(replies=["z"]), n=2, selector=MajorityVote()).invoke("q")
+
+
+def test_a_prompt_chain_takes_its_prompts_variables(mode: Mode) -> None:
+    from langchain_core.prompts import ChatPromptTemplate
+
+    rec = CallRecorder()
+    prompt = ChatPromptTemplate.from_messages([("user", "Capital of {country}?")])
+    chain = prompt | FakeChatModel(replies=["Paris", "Lyon"])
+    fusor = FakeChatModel(replies=["Paris (fused)"], recorder=rec)
+    result = mode.run(fusion_of_n(chain, n=2, fusor=fusor), {"country": "France"})
+    assert result.message.content == "Paris (fused)"
+    assert [c.text for c in result.candidates] == ["Paris", "Lyon"]
+    assert "Capital of France?" in rec.by_role("fusor")[0].prompt
+
+
+def test_a_dict_for_a_model_says_what_to_pass_instead() -> None:
+    from langchain_core.runnables import RunnableLambda
+
+    def node(state: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": [AIMessage(content="hi")]}
+
+    wrapped = fusion_of_n(RunnableLambda(node), n=2, fusor=llm)
+    with pytest.raises(TypeError, match=r"pass the node function itself, fusion_of_n\(node_fn"):
+        wrapped.invoke({"messages": [("user", "hi")]})
