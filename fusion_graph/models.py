@@ -112,8 +112,12 @@ class ModelSpec:
         head, sep, tail = model.rpartition(":")
         if sep and "=" in tail:
             model, options_text = head, tail
-        if not model.strip():
-            msg = f"model spec {text!r}: the model name is missing"
+        if not model.strip() or re.match(r"\d+([/:]|$)", model):
+            # "openai:http://host:8000/v1" parses as host "http://host", model "8000/v1"
+            msg = (
+                f"model spec {text!r}: the model name is missing; write {kind}:URL:MODEL, "
+                f"e.g. {kind}:http://127.0.0.1:8000/v1:Qwen/Qwen2.5-7B-Instruct"
+            )
             raise ValueError(msg)
         if "path" in _parse_options(options_text, text):
             msg = f"model spec {text!r}: path= is for local models only"

@@ -208,3 +208,15 @@ def test_a_dict_for_a_model_says_what_to_pass_instead() -> None:
     wrapped = fusion_of_n(RunnableLambda(node), n=2, fusor=llm)
     with pytest.raises(TypeError, match=r"pass the node function itself, fusion_of_n\(node_fn"):
         wrapped.invoke({"messages": [("user", "hi")]})
+
+
+@pytest.mark.parametrize(
+    "text", ["openai:http://127.0.0.1:8000/v1", "vllm:http://127.0.0.1:8000", "openai:http://h:1:"]
+)
+def test_a_model_spec_without_a_model_is_refused(text: str) -> None:
+    from fusion_graph.models import ModelSpec
+
+    with pytest.raises(ValueError, match="the model name is missing"):
+        ModelSpec.parse(text)
+    spec = ModelSpec.parse("openai:http://127.0.0.1:8000/v1:llama3:8b:temperature=0.2")
+    assert (spec.urls, spec.model) == (("http://127.0.0.1:8000/v1",), "llama3:8b")
