@@ -9,7 +9,9 @@ Columns (names configurable):
 * ``reference`` (optional, evaluation): the right answer, a string or (JSONL) a list of
   acceptable answers; in CSV, alternatives are separated by ``|``.
 
-Every other column is kept in :attr:`PromptItem.extra`.
+Every other column is kept in :attr:`PromptItem.extra`. Every model of a job is sent
+:func:`prompt_messages`, with :func:`prompt_config` (the prompt's id and input hash in the
+metadata, which the candidate store is keyed by).
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel, ConfigDict, Field
+
+from fusion_graph.messages import message_text
 
 BUILTIN = "builtin"
 """The name that selects the built-in evaluation set."""
+PROMPT_ID_KEY = "fusion_graph_prompt_id"
+"""Config metadata key holding the prompt id of a batch job's model calls."""
+INPUT_HASH_KEY = "fusion_graph_input_hash"
+"""Config metadata key holding the SHA-256 of the prompt text (:attr:`PromptItem.input_hash`)."""
 
 
 class PromptItem(BaseModel):
@@ -53,6 +63,26 @@ class PromptItem(BaseModel):
 def input_hash(prompt: str) -> str:
     """SHA-256 of the prompt text (UTF-8), hex: the paper's per-row input hash."""
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def prompt_messages(item: PromptItem) -> list[BaseMessage]:
+    """What every model is sent for a prompt: the prompt as one user message."""
+    return [HumanMessage(item.prompt)]
+
+
+def prompt_config(item: PromptItem, *, run_name: str) -> RunnableConfig:
+    """The config of a prompt's model calls: its id and input hash in the metadata."""
+    metadata = {PROMPT_ID_KEY: item.id, INPUT_HASH_KEY: item.input_hash}
+    return {"metadata": metadata, "run_name": run_name}
+
+
+def conversation_hash(messages: Sequence[BaseMessage]) -> str:
+    """The input hash of a conversation: a lone user message's is its prompt's
+    :func:`input_hash`."""
+    if len(messages) == 1 and isinstance(messages[0], HumanMessage):
+        return input_hash(message_text(messages[0]))
+    turns = [[m.type, message_text(m)] for m in messages]
+    return input_hash(json.dumps(turns, ensure_ascii=False))
 
 
 @dataclass(frozen=True, kw_only=True)

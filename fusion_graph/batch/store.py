@@ -7,10 +7,12 @@ nothing it had finished). Two tables:
     One row per candidate, keyed by ``(prompt_id, model, settings, idx)``: the prompt's
     id, the model's name (not its URL: replicas of one model share candidates), a hash of
     the sampling settings (temperature, top_p, max_tokens, seed; ``settings_json`` holds
-    them in clear) and the candidate index. Also the prompt's ``input_hash`` (a reused id
-    with another prompt is an error, not a silent mix-up), the reply (``text`` and the
-    whole message as JSON), token counts, latency and seed. Only successful candidates are
-    stored, so a failed one is tried again by the next run.
+    them in clear) and the candidate's key within those: the batch jobs use its sampling
+    seed (candidate ``i`` of a run has seed ``--seed + i``, as in ``fusion_of_n``), so a
+    sample is the same candidate whatever position it takes. Also the prompt's
+    ``input_hash`` (a reused id with another prompt is an error, not a silent mix-up),
+    the reply (``text`` and the whole message as JSON), token counts, latency and seed.
+    Only successful candidates are stored, so a failed one is tried again by the next run.
 
 ``calls``
     Replies of the deciding models (fusor, judges), keyed by a hash of the model name,
@@ -38,9 +40,10 @@ from typing import Any, Self
 
 from langchain_core.messages import AIMessage, BaseMessage, message_to_dict, messages_from_dict
 
-from fusion_graph.prompts import message_text
+from fusion_graph.messages import message_text
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+"""Schema 2 keys candidates by their seed (schema 1 keyed them by position)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -149,7 +152,10 @@ class CandidateStore:
             )
         elif row[0] != SCHEMA_VERSION:
             self._conn.close()
-            msg = f"{self.path} has store schema {row[0]}, this version reads {SCHEMA_VERSION}"
+            msg = (
+                f"{self.path} has store schema {row[0]}, this version reads {SCHEMA_VERSION}; "
+                "use another store file"
+            )
             raise ValueError(msg)
 
     def close(self) -> None:

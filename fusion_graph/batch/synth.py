@@ -1,7 +1,9 @@
 """Synthetic data from a pool of teachers (the paper's second setting).
 
-For every prompt each teacher answers once; a Best-of-N selector picks one answer and a
-fusor writes a Fusion-of-N answer from all of them. One JSONL row per prompt::
+For every prompt each teacher answers once (teacher ``i`` with seed ``seed + i``: the
+candidates ``fusion_of_n`` makes with the same pool); a Best-of-N selector picks one
+answer and a fusor writes a Fusion-of-N answer from all of them. One JSONL row per
+prompt::
 
     {"id": ..., "prompt": ..., "language_code": ..., "input_hash": <sha256 of the prompt>,
      "<teacher name>": <its answer or null>, ...,
@@ -33,15 +35,16 @@ from typing import Any
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel, Field
 
-from fusion_graph.batch.data import PromptItem
-from fusion_graph.batch.models import CandidateSet, JobStats, Pool, prompt_messages
+from fusion_graph.batch.data import PromptItem, prompt_config, prompt_messages
+from fusion_graph.batch.models import JobStats
+from fusion_graph.batch.pool import CandidateSet, JobModels, Pool
 from fusion_graph.batch.store import StoreConflictError
-from fusion_graph.engine import FusionEngine, build_engine
-from fusion_graph.nodes.select import Selector
-from fusion_graph.state import Candidate, Decision, TokenUsage
-
-PROMPT_ID_KEY = "fusion_graph_prompt_id"
-"""Config metadata key holding the prompt id of a batch job's model calls."""
+from fusion_graph.nodes.decide import Selector
+from fusion_graph.nodes.fuse import Fuse
+from fusion_graph.nodes.judges import make_selector
+from fusion_graph.nodes.select import RewardFn, Select
+from fusion_graph.runtime import Caller, model_name
+from fusion_graph.types import Candidate, Decision, TokenUsage
 
 
 class OutputMismatchError(ValueError):
@@ -164,25 +167,39 @@ def _error_text(candidate: Candidate) -> str:
 
 
 def _usage_of(candidates: Sequence[Candidate], decisions: Sequence[Decision]) -> dict[str, int]:
-    usages = [c.usage for c in candidates if c.usage is not None]
-    usages += [d.usage for d in decisions if d.usage is not None]
-    total = sum(usages, TokenUsage())
+    total = TokenUsage.sum([*(c.usage for c in candidates), *(d.usage for d in decisions)])
+    total = total or TokenUsage()
     return {"input_tokens": total.input_tokens, "output_tokens": total.output_tokens}
 
 
 class Synthesizer:
-    """Makes synth rows: the pool's candidates, a BoN pick and a FusioN answer."""
+    """Makes synth rows: the pool's candidates, a BoN pick (:class:`~fusion_graph.Select`)
+    and a FusioN answer (:class:`~fusion_graph.Fuse`), both deciding directly on the
+    candidates."""
 
-    def __init__(self, pool: Pool, *, selector: Selector, fusor: Runnable[Any, Any]) -> None:
+    def __init__(
+        self, pool: Pool, *, selector: Selector | RewardFn, fusor: Runnable[Any, Any]
+    ) -> None:
         self.pool = pool
         self.n = len(pool.handles)
-        self.selector = selector
-        self.fusor = fusor
-        self.fusor_name = str(getattr(fusor, "model_name", None) or fusor.get_name())
-        self.bon: FusionEngine = build_engine(
-            fusor, n=self.n, strategy="best_of_n", selector=selector
-        )
-        self.fusion: FusionEngine = build_engine(fusor, n=self.n, strategy="fusion", fusor=fusor)
+        self.bon = Select(selector)
+        self.fusion = Fuse(fusor)
+        self.fusor_name = model_name(fusor)
+
+    @classmethod
+    def of(
+        cls,
+        models: JobModels,
+        *,
+        selector: str = "judge",
+        judge: str | None = None,
+        fusor: str | None = None,
+    ) -> Synthesizer:
+        """The synthesizer of a job: the selector by name (``judge``, ``pairwise`` or
+        ``vote``), the judge and the fusor by spec (default: the first teacher's model)."""
+        fusor_model = models.fusor(fusor)
+        judge_model = models.judge(judge) if selector != "vote" else None
+        return cls(models.pool, selector=make_selector(selector, judge_model), fusor=fusor_model)
 
     async def _bon(
         self, item: PromptItem, cset: CandidateSet, config: RunnableConfig
@@ -190,11 +207,11 @@ class Synthesizer:
         ok = [c for c in cset.candidates if c.ok]
         if len(ok) == 1:  # nothing to choose from: no judge call
             decision = Decision(
-                strategy="best_of_n", selected_index=ok[0].index, method=self.selector.name
+                strategy="best_of_n", selected_index=ok[0].index, method=self.bon.method
             )
             return ok[0], decision
-        _, decision = await self.bon.decide_step(
-            prompt_messages(item), cset.candidates, config, sync=False
+        _, decision = await self.bon.run(
+            prompt_messages(item), cset.candidates, config, Caller(sync=False)
         )
         assert decision.selected_index is not None
         return cset.candidates[decision.selected_index], decision
@@ -209,13 +226,10 @@ class Synthesizer:
                 f"{c.model}: {_error_text(c)}" for c in cset.candidates
             )
             return None, cset, reason
-        config: RunnableConfig = {
-            "metadata": {PROMPT_ID_KEY: item.id},
-            "run_name": f"synth[{item.id}]",
-        }
+        config = prompt_config(item, run_name=f"synth[{item.id}]")
         (picked, bon), (fused, fusion) = await asyncio.gather(
             self._bon(item, cset, config),
-            self.fusion.decide_step(prompt_messages(item), cset.candidates, config, sync=False),
+            self.fusion.run(prompt_messages(item), cset.candidates, config, Caller(sync=False)),
         )
         handles = {h.name: h for h in self.pool.handles}
         details = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fusion_graph.batch.commands import batch_app
+from fusion_graph.cli import app
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def test_synth_end_to_end_then_replay_with_every_model_unreachable(tmp_path: Pat
     out, store = tmp_path / "out.jsonl", tmp_path / "store.sqlite"
     common = ["--store", str(store), *TOKENS, "--selector", "judge"]
     result = runner.invoke(
-        batch_app,
+        app,
         [
             "synth", str(prompts), "-o", str(out), *common,
             "-t", "local", "-t", "local:temperature=0.9,name=hot",
@@ -77,7 +77,7 @@ def test_synth_end_to_end_then_replay_with_every_model_unreachable(tmp_path: Pat
     dead = f"openai:http://127.0.0.1:{_closed_port()}/v1:{MODEL}"
     replay = tmp_path / "replay.jsonl"
     again = runner.invoke(
-        batch_app,
+        app,
         [
             "synth", str(prompts), "-o", str(replay), *common, "--retries", "0",
             "-t", dead, "-t", f"{dead}:temperature=0.9,name=hot",
@@ -100,7 +100,7 @@ def test_synth_resumes_after_sigkill_without_losing_or_duplicating_rows(tmp_path
     prompts = _prompts(tmp_path / "p.jsonl", texts)
     out = tmp_path / "out.jsonl"
     args = [
-        sys.executable, "-m", "fusion_graph.batch.commands", "synth", str(prompts),
+        sys.executable, "-c", "from fusion_graph.cli import main; main()", "synth", str(prompts),
         "-o", str(out), "-t", "local", "--selector", "vote", "--concurrency", "1", *TOKENS,
     ]  # fmt: skip
     log = tmp_path / "first-run.log"
@@ -124,7 +124,7 @@ def test_synth_resumes_after_sigkill_without_losing_or_duplicating_rows(tmp_path
     done_before = [json.loads(line)["id"] for line in complete.decode().splitlines()]
     assert 1 <= len(done_before) < len(texts), "the kill must land mid-run"
 
-    result = runner.invoke(batch_app, args[3:])
+    result = runner.invoke(app, args[3:])
     assert result.exit_code == 0, result.output
     after = out.read_bytes()
     assert after.startswith(complete)  # rows written before the kill are untouched
@@ -142,7 +142,7 @@ def test_eval_end_to_end_on_the_builtin_set_then_replay(tmp_path: Path) -> None:
         "--strategies", "single,bon-judge,majority-vote,fusion",
         "--judge", "local:max_tokens=8", "--title", "test run",
     ]  # fmt: skip
-    result = runner.invoke(batch_app, args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "eval.json").read_text())
     table = {(s["strategy"], s["n"]): s for s in data["scores"]}
@@ -162,7 +162,7 @@ def test_eval_end_to_end_on_the_builtin_set_then_replay(tmp_path: Path) -> None:
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
     assert "fusion" in result.stdout and "win-rate" in result.stdout
 
-    again = runner.invoke(batch_app, args)
+    again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     replayed = json.loads((out / "eval.json").read_text())
     assert replayed["stats"]["requests"] == 0

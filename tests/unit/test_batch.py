@@ -20,41 +20,43 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from typer.testing import CliRunner
 
+from fusion_graph import fusion_of_n
 from fusion_graph.batch import (
     CandidateStore,
     Defaults,
     Endpoints,
     Evaluator,
     JobStats,
-    ModelHandle,
-    ModelSpec,
     OutputMismatchError,
     Pool,
     PromptItem,
     RecordedModel,
-    Replica,
     StoreConflictError,
     Synthesizer,
     build_handle,
     builtin_eval_set,
-    combine_verdicts,
-    contains_answer,
     default_strategies,
-    exact_match,
-    judge_pair,
-    normalize,
     plot_scores,
-    prepare_output,
     read_prompts,
     run_eval,
     run_synth,
-    win_rate,
     write_results,
 )
-from fusion_graph.batch.commands import batch_app
 from fusion_graph.batch.data import input_hash, parse_shard, select_items
-from fusion_graph.batch.evaluate import get_extractor
+from fusion_graph.batch.metrics import (
+    contains_answer,
+    exact_match,
+    get_extractor,
+    judge_pair,
+    normalize,
+    win_rate,
+)
+from fusion_graph.batch.models import ModelHandle, Replica
 from fusion_graph.batch.store import settings_hash
+from fusion_graph.batch.synth import prepare_output
+from fusion_graph.cli import app
+from fusion_graph.models import ModelSpec
+from fusion_graph.nodes.judges import combine_verdicts
 from fusion_graph.nodes.select import MajorityVote
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, FakeSamplingChatModel
 
@@ -361,13 +363,53 @@ def test_pool_of_teachers_and_failures_are_retried_by_the_next_run(tmp_path: Pat
         assert [c.ok for c in cset.candidates] == [True, False, True, False]
         assert cset.candidates[1].error is not None
         assert cset.candidates[1].error.message == "down"
-        assert [c.seed for c in cset.candidates] == [0, 0, 1, 1]  # seed + i // len(pool)
+        assert [c.seed for c in cset.candidates] == [0, 1, 2, 3]  # seed + i, as fusion_of_n
         assert (stats.generated, stats.failed) == (2, 2)
         fail["on"] = False
         again = asyncio.run(Pool(handles, db, JobStats()).candidates(question, 4))
-    assert [c.text for c in again.candidates] == ["good 0", "late", "good 1", "late"]
+    assert [c.text for c in again.candidates] == ["good 0", "late", "good 2", "late"]
     assert again.replayed == frozenset({0, 2})
     assert len(bad_recorder.calls) == 4  # two failed, then only those two again
+
+
+def seed_of(call: FakeCall) -> int:
+    """The seed a fake was given: the call's, or its sample's in a multi-sample call."""
+    seeds = call.kwargs.get("seeds")
+    return int(seeds[call.index] if seeds is not None else call.kwargs["seed"])
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-call-each", "sample-n"])
+def test_pool_makes_the_candidates_fusion_of_n_makes_with_the_same_pool(
+    tmp_path: Path, batched: bool
+) -> None:
+    def teachers() -> tuple[list[FakeChatModel], list[CallRecorder]]:
+        calls = [CallRecorder(), CallRecorder()]
+        first = FakeSamplingChatModel if batched else FakeChatModel
+        a = first(model_name="a", replies=lambda c: f"a: {seed_of(c)}", recorder=calls[0])
+        b = FakeChatModel(model_name="b", replies=lambda c: f"b: {seed_of(c)}", recorder=calls[1])
+        return [a, b], calls
+
+    prompt = "Name a colour."
+    models, direct_calls = teachers()
+    fused = fusion_of_n(models, n=4, fusor=FakeChatModel(replies=["fused"]), seed=0)
+    direct = fused.run(prompt).candidates
+    (a, b), pool_calls = teachers()
+    handles = [handle(a, name="a", batched="sample_n" if batched else None), handle(b, name="b")]
+    with CandidateStore(tmp_path / "s.sqlite") as db:
+        pool = Pool(handles, db, JobStats(), seed=0)
+        pooled = asyncio.run(pool.candidates(item(prompt), 4)).candidates
+
+    def record(c: Any) -> tuple[Any, ...]:
+        return (c.index, c.model, c.seed, c.text, c.ok, c.usage)
+
+    assert [record(c) for c in pooled] == [record(c) for c in direct]
+    assert [c.seed for c in pooled] == [0, 1, 2, 3]
+    assert [c.text for c in pooled] == ["a: 0", "b: 1", "a: 2", "b: 3"]
+    for mine, theirs in zip(pool_calls, direct_calls, strict=True):  # the same calls, too
+        assert sorted(map(str, (c.kwargs for c in mine.calls))) == sorted(
+            map(str, (c.kwargs for c in theirs.calls))
+        )
+    assert len(pool_calls[0].calls) == (1 if batched else 2)
 
 
 def test_recorded_model_replays_and_merges_identical_calls_in_flight(tmp_path: Path) -> None:
@@ -793,7 +835,7 @@ def test_synth_command_end_to_end_and_replay(server: FakeOpenAI, tmp_path: Path)
         "--fusor", f"openai:{server.url}:fusor", "--selector", "vote",
         "--retries", "0", "--concurrency", "2",
     ]  # fmt: skip
-    result = runner.invoke(batch_app, args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["q0", "q1", "q2"]
@@ -807,7 +849,7 @@ def test_synth_command_end_to_end_and_replay(server: FakeOpenAI, tmp_path: Path)
     first_text = out.read_text()
 
     before, broken = sum(server.requests.values()), server.requests["broken"]
-    again = runner.invoke(batch_app, [*args[:3], str(tmp_path / "replay.jsonl"), *args[4:]])
+    again = runner.invoke(app, [*args[:3], str(tmp_path / "replay.jsonl"), *args[4:]])
     assert again.exit_code == 0, again.output
     # Only the broken teacher (a failure is never stored) is asked again.
     assert server.requests["broken"] > broken
@@ -816,7 +858,7 @@ def test_synth_command_end_to_end_and_replay(server: FakeOpenAI, tmp_path: Path)
     key = lambda r: (r["id"], r["alpha"], r["B"], r["BoN"], r["Fusion"])  # noqa: E731
     assert sorted(map(key, replay)) == sorted(map(key, rows))
 
-    resumed = runner.invoke(batch_app, args)  # everything done: nothing redone
+    resumed = runner.invoke(app, args)  # everything done: nothing redone
     assert resumed.exit_code == 0 and out.read_text() == first_text
     assert re.search(r"already done\s*│\s*3", resumed.stderr)
 
@@ -827,7 +869,7 @@ def test_synth_command_reports_prompts_whose_teachers_all_failed(
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?"}])
     out = tmp_path / "o.jsonl"
     result = runner.invoke(
-        batch_app,
+        app,
         [
             "synth", str(prompts), "-o", str(out), "-t", f"openai:{server.url}:broken",
             "--fusor", f"openai:{server.url}:fusor", "--selector", "vote", "--retries", "0",
@@ -850,17 +892,17 @@ def test_synth_command_reports_prompts_whose_teachers_all_failed(
 )
 def test_synth_command_bad_options_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?"}])
-    result = runner.invoke(batch_app, ["synth", str(prompts), "-o", str(tmp_path / "o"), *args])
+    result = runner.invoke(app, ["synth", str(prompts), "-o", str(tmp_path / "o"), *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.stderr.split())
 
 
 def test_synth_command_missing_file_and_mismatched_output(tmp_path: Path) -> None:
-    result = runner.invoke(batch_app, ["synth", str(tmp_path / "nope.jsonl"), "-o", "x"])
+    result = runner.invoke(app, ["synth", str(tmp_path / "nope.jsonl"), "-o", "x"])
     assert result.exit_code == 2 and "does not exist" in " ".join(result.stderr.split())
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?"}])
     out = write_jsonl(tmp_path / "o.jsonl", [{"id": "z", "teachers": ["other"]}])
-    result = runner.invoke(batch_app, ["synth", str(prompts), "-o", str(out)])
+    result = runner.invoke(app, ["synth", str(prompts), "-o", str(out)])
     assert result.exit_code == 2 and "write to a new output file" in " ".join(result.stderr.split())
 
 
@@ -878,7 +920,7 @@ def test_eval_command_end_to_end_with_a_vllm_pool_and_replay(
         "--judge", f"openai:{server.url}:judge", "--fusor", f"openai:{server.url}:fusor",
         "--out", str(out), "--retries", "0",
     ]  # fmt: skip
-    result = runner.invoke(batch_app, args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     generation = [b for b in server.bodies if b["model"] == "gen"]
     assert [b["n"] for b in generation] == [4, 4]  # one request per prompt, n = max(N)
@@ -893,7 +935,7 @@ def test_eval_command_end_to_end_with_a_vllm_pool_and_replay(
     assert (out / "eval.csv").exists() and (out / "answers.jsonl").exists()
 
     before = sum(server.requests.values())
-    again = runner.invoke(batch_app, args)
+    again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert sum(server.requests.values()) == before  # every call replayed from the store
     assert json.loads((out / "eval.json").read_text())["scores"] == data_out["scores"]
@@ -910,13 +952,13 @@ def test_eval_command_end_to_end_with_a_vllm_pool_and_replay(
     ],
 )
 def test_eval_command_bad_options_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    result = runner.invoke(batch_app, ["eval", "--out", str(tmp_path), *args])
+    result = runner.invoke(app, ["eval", "--out", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.stderr.split())
 
 
 def test_help_lists_the_spec_grammar() -> None:
-    text = " ".join(runner.invoke(batch_app, ["synth", "--help"]).stdout.split())
+    text = " ".join(runner.invoke(app, ["synth", "--help"]).stdout.split())
     assert "openai:URL:MODEL" in text and "resume" in text
-    text = " ".join(runner.invoke(batch_app, ["eval", "--help"]).stdout.split())
+    text = " ".join(runner.invoke(app, ["eval", "--help"]).stdout.split())
     assert "majority-vote" in text and "builtin" in text
