@@ -13,7 +13,7 @@ neither typer nor rich. Less common pieces are in the submodules: ``data``, ``st
 
 from fusion_graph.batch.data import PromptItem, builtin_eval_set, read_prompts
 from fusion_graph.batch.evaluate import EvalStrategy, Evaluator, default_strategies, run_eval
-from fusion_graph.batch.models import Defaults, Endpoints, JobStats, build_handle, build_pool
+from fusion_graph.batch.models import Defaults, JobStats, build_handle, build_pool
 from fusion_graph.batch.pool import Pool, RecordedModel, StoredModel
 from fusion_graph.batch.report import EvalReport, plot_scores, write_results
 from fusion_graph.batch.store import CandidateStore, StoreConflictError
@@ -22,7 +22,6 @@ from fusion_graph.batch.synth import OutputMismatchError, Synthesizer, SynthRepo
 __all__ = [
     "CandidateStore",
     "Defaults",
-    "Endpoints",
     "EvalReport",
     "EvalStrategy",
     "Evaluator",

@@ -102,21 +102,6 @@ class JobStats:
         }
 
 
-class Endpoints:
-    """Concurrency bounds shared by every model on one endpoint (URL, or the embedded
-    model). The first bound registered for an endpoint wins."""
-
-    def __init__(self) -> None:
-        self._bounds: dict[str, asyncio.Semaphore] = {}
-        self.limits: dict[str, int] = {}
-
-    def bound(self, endpoint: str, limit: int) -> asyncio.Semaphore:
-        if endpoint not in self._bounds:
-            self._bounds[endpoint] = asyncio.Semaphore(limit)
-            self.limits[endpoint] = limit
-        return self._bounds[endpoint]
-
-
 @dataclass(eq=False)
 class Replica:
     """One server (or the embedded model) serving a handle's model."""
@@ -125,7 +110,6 @@ class Replica:
     """A LangChain chat model (anything with ``ainvoke``; ``asample_n`` for batched
     sampling)."""
     endpoint: str
-    semaphore: asyncio.Semaphore
     in_flight: int = 0
 
 
@@ -188,7 +172,9 @@ class ModelHandle:
         replica = min(self.replicas, key=lambda r: r.in_flight)
         replica.in_flight += 1
         policy = RetryPolicy(max_attempts=self.retries + 1) if self.retries else None
-        caller = Caller(sync=False, timeout=self.timeout, retry=policy, semaphore=replica.semaphore)
+        # The endpoint's bound is the model's own: an OpenAI-compatible model holds a slot of
+        # its endpoint's process-wide limiter per request; the embedded model one lock.
+        caller = Caller(sync=False, timeout=self.timeout, retry=policy)
         try:
             return await caller.call(None, lambda: make(replica.model))
         finally:
@@ -272,7 +258,7 @@ def _settings(spec: ModelSpec, defaults: Defaults) -> dict[str, Any]:
 
 
 def build_handle(
-    spec: ModelSpec, defaults: Defaults, endpoints: Endpoints, *, name: str | None = None
+    spec: ModelSpec, defaults: Defaults, *, name: str | None = None
 ) -> ModelHandle:
     """A :class:`ModelHandle` for ``spec`` (models are built, not called).
 
@@ -294,8 +280,7 @@ def build_handle(
             seed=settings["seed"],
             max_concurrency=limit,
         )
-        bound = endpoints.bound("local", 1) if url is None else endpoints.bound(url, limit)
-        replicas.append(Replica(model=model, endpoint=url or "local", semaphore=bound))
+        replicas.append(Replica(model=model, endpoint=url or "local"))
     first = replicas[0].model
     model_id = spec.model or str(getattr(first, "model_name", "local"))
     batched: Batched = None
@@ -358,7 +343,7 @@ RESERVED_NAMES = frozenset(
 
 
 def build_pool(
-    specs: Sequence[ModelSpec], defaults: Defaults, endpoints: Endpoints
+    specs: Sequence[ModelSpec], defaults: Defaults
 ) -> list[ModelHandle]:
     """Handles for a pool of teachers, with unique names (``name=`` or the model name,
     ``-2``, ``-3`` ... for repeats). Two teachers with the same model and sampling
@@ -367,7 +352,7 @@ def build_pool(
     names: set[str] = set()
     keys: dict[tuple[str, str], str] = {}
     for spec in specs:
-        handle = build_handle(spec, defaults, endpoints)
+        handle = build_handle(spec, defaults)
         base = handle.name
         if base in RESERVED_NAMES:
             msg = f"teacher name {base!r} is a reserved column name; pick another with name="

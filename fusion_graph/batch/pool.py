@@ -34,7 +34,6 @@ from fusion_graph.batch.data import (
 )
 from fusion_graph.batch.models import (
     Defaults,
-    Endpoints,
     JobStats,
     ModelHandle,
     Reply,
@@ -379,8 +378,7 @@ class JobModels:
         self.defaults = defaults
         self.store = store
         self.stats = stats or JobStats()
-        self.endpoints = Endpoints()
-        handles = build_pool(self.specs, defaults, self.endpoints)
+        handles = build_pool(self.specs, defaults)
         self.pool = Pool(handles, store, self.stats, seed=defaults.seed)
 
     def decider(
@@ -388,7 +386,7 @@ class JobModels:
     ) -> RecordedModel:
         """The recorded model of ``text`` (a spec; ``None``: the first teacher's model)."""
         spec = decider_spec(text, self.specs[0], temperature=temperature, max_tokens=max_tokens)
-        handle = build_handle(spec, self.defaults, self.endpoints)
+        handle = build_handle(spec, self.defaults)
         return RecordedModel(handle, self.store, self.stats, role=role)
 
     def fusor(self, text: str | None = None) -> RecordedModel:

@@ -24,7 +24,6 @@ from fusion_graph import fusion_of_n
 from fusion_graph.batch import (
     CandidateStore,
     Defaults,
-    Endpoints,
     Evaluator,
     JobStats,
     OutputMismatchError,
@@ -55,6 +54,7 @@ from fusion_graph.batch.models import ModelHandle, Replica
 from fusion_graph.batch.store import settings_hash
 from fusion_graph.batch.synth import prepare_output
 from fusion_graph.cli import app
+from fusion_graph.integrations.openai_compat import forget_endpoint
 from fusion_graph.models import ModelSpec
 from fusion_graph.nodes.judges import combine_verdicts
 from fusion_graph.nodes.select import MajorityVote
@@ -78,7 +78,7 @@ def handle(
         name=name,
         model_id=name,
         settings=settings,
-        replicas=[Replica(model=model, endpoint="fake", semaphore=asyncio.Semaphore(8))],
+        replicas=[Replica(model=model, endpoint="fake")],
         batched=batched,
     )
 
@@ -208,13 +208,14 @@ def test_bad_model_specs_say_what_is_wrong(spec: str, message: str) -> None:
 
 
 def test_handles_for_remote_specs_share_their_endpoint_bound() -> None:
-    endpoints = Endpoints()
     defaults = Defaults(temperature=0.3, max_tokens=32, seed=5, endpoint_concurrency=3)
     url = "http://127.0.0.1:9/v1"
-    a = build_handle(ModelSpec.parse(f"vllm:{url}:m1"), defaults, endpoints)
-    b = build_handle(ModelSpec.parse(f"openai:{url}:m2:temperature=1"), defaults, endpoints)
-    assert a.replicas[0].semaphore is b.replicas[0].semaphore
-    assert endpoints.limits == {url: 3}
+    forget_endpoint(url)
+    a = build_handle(ModelSpec.parse(f"vllm:{url}:m1"), defaults)
+    b = build_handle(ModelSpec.parse(f"openai:{url}:m2:temperature=1"), defaults)
+    # one bound per endpoint, the process-wide limiter every request to it holds a slot of
+    assert a.replicas[0].model.limiter is b.replicas[0].model.limiter
+    assert a.replicas[0].model.limiter.limit == 3
     assert a.settings == {"temperature": 0.3, "top_p": None, "max_tokens": 32, "seed": 5}
     assert (a.model_id, a.name, a.batched, b.batched) == ("m1", "m1", "n", None)
     assert a.settings_hash == settings_hash(a.settings) != b.settings_hash
@@ -226,7 +227,6 @@ def test_calls_go_to_the_least_busy_replica_and_are_retried() -> None:
         Replica(
             model=FakeChatModel(replies=["r"], recorder=rec, delay=0.05),
             endpoint=f"r{i}",
-            semaphore=asyncio.Semaphore(2),
         )
         for i, rec in enumerate(recorders)
     ]
@@ -253,7 +253,7 @@ def test_calls_go_to_the_least_busy_replica_and_are_retried() -> None:
         name="f",
         model_id="f",
         settings={"seed": 0},
-        replicas=[Replica(FakeChatModel(replies=once_down), "f", asyncio.Semaphore(1))],
+        replicas=[Replica(FakeChatModel(replies=once_down), "f")],
         retries=1,
     )
     reply = asyncio.run(flaky.call([HumanMessage("q")], stats=stats))
