@@ -14,8 +14,9 @@ from langchain_core.runnables import Runnable
 from langgraph.types import RetryPolicy
 
 from fusion_graph.nodes.decide import Decider, Selector
-from fusion_graph.nodes.fanout import MAX_CANDIDATES, FanOut, Generator
+from fusion_graph.nodes.fanout import MAX_CANDIDATES, FanOut
 from fusion_graph.nodes.fuse import Fuse
+from fusion_graph.nodes.generator import Generator
 from fusion_graph.nodes.select import DEFAULT_FALLBACK, RewardFn, Select
 from fusion_graph.prompts import CRITIQUE_PROMPT, FUSION_PROMPT, PromptTemplate
 from fusion_graph.types import Strategy

@@ -18,7 +18,8 @@ from langchain_core.runnables import RunnableConfig
 from fusion_graph.events import EventSink, event_sink
 from fusion_graph.hooks import Phase, RunInfo, RunReport, current_hooks
 from fusion_graph.nodes.decide import Decider, TokenSink
-from fusion_graph.nodes.fanout import FanOut, Generated, check_quorum, generator_pool
+from fusion_graph.nodes.fanout import FanOut, Generated, check_quorum
+from fusion_graph.nodes.generator import generator_pool
 from fusion_graph.options import FusionOptions
 from fusion_graph.runtime import Caller, reraise_aborted
 from fusion_graph.types import Candidate, Decision, FusionResult

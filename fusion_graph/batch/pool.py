@@ -44,7 +44,8 @@ from fusion_graph.batch.models import (
 from fusion_graph.batch.store import CandidateStore, StoreConflictError, call_key
 from fusion_graph.messages import check_reply, to_messages
 from fusion_graph.models import ModelSpec
-from fusion_graph.nodes.fanout import FanOut, Generator
+from fusion_graph.nodes.fanout import FanOut
+from fusion_graph.nodes.generator import Generator
 from fusion_graph.runtime import Caller, run_sync
 from fusion_graph.types import Candidate
 

@@ -27,7 +27,8 @@ from fusion_graph import (
 )
 from fusion_graph.events import FusionEvent
 from fusion_graph.messages import to_messages
-from fusion_graph.nodes.fanout import FanOut, generator_pool
+from fusion_graph.nodes.fanout import FanOut
+from fusion_graph.nodes.generator import generator_pool
 from fusion_graph.options import FusionOptions
 from fusion_graph.runtime import Caller
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel
