@@ -70,6 +70,25 @@ class _Portal:
 _PORTAL = _Portal()
 
 
+_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "fusion_graph_call_stop", default=None
+)
+
+
+class CallStopped(Exception):  # noqa: N818 - a stop on request, not an error of the call
+    """Raised by a blocking backend that stopped because :func:`stop_requested` said so."""
+
+
+def stop_requested() -> bool:
+    """True when the call this code runs in was cancelled (Ctrl-C, a straggler cut) or timed
+    out. Blocking backends (the embedded llama.cpp model) check it between tokens and stop
+    with :class:`CallStopped`, so a timeout or Ctrl-C frees the model within a token instead
+    of after the whole generation. HTTP calls on a worker thread cannot be stopped this way:
+    their result is discarded when they end."""
+    event = _STOP.get()
+    return event is not None and event.is_set()
+
+
 class CallAborted(Exception):
     """A ``KeyboardInterrupt`` or ``SystemExit`` raised inside a call on a worker thread,
     carried as an ``Exception`` so that it cannot stop the shared event loop. It ends the
@@ -252,22 +271,32 @@ class Caller:
         async_fn: Callable[[], Awaitable[T]] | None,
     ) -> T:
         use_async = async_fn is not None and (not self.sync or sync_fn is None)
-        if use_async:
-            assert async_fn is not None
-            awaitable: Awaitable[T] = async_fn()
-        else:
-            assert sync_fn is not None
-            ctx = contextvars.copy_context()
-            loop = asyncio.get_running_loop()
-            awaitable = loop.run_in_executor(THREAD_POOL, ctx.run, _guarded, sync_fn)
-        if self.timeout is None:
-            return await awaitable
+        # Set if this attempt is cancelled or times out; the call sees it (and so do the
+        # threads it starts, which copy the context), see stop_requested().
+        stop = threading.Event()
+        token = _STOP.set(stop)
         try:
-            async with asyncio.timeout(self.timeout):
+            if use_async:
+                assert async_fn is not None
+                awaitable: Awaitable[T] = async_fn()
+            else:
+                assert sync_fn is not None
+                ctx = contextvars.copy_context()
+                loop = asyncio.get_running_loop()
+                awaitable = loop.run_in_executor(THREAD_POOL, ctx.run, _guarded, sync_fn)
+            if self.timeout is None:
                 return await awaitable
-        except TimeoutError:
-            msg = f"call did not finish within {self.timeout:g} s"
-            raise TimeoutError(msg) from None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await awaitable
+            except TimeoutError:
+                msg = f"call did not finish within {self.timeout:g} s"
+                raise TimeoutError(msg) from None
+        except BaseException:
+            stop.set()  # a blocking backend still working on it stops between tokens
+            raise
+        finally:
+            _STOP.reset(token)
 
     async def call_function(self, fn: Callable[..., Any], *args: Any) -> CallResult[Any]:
         """Call a plain function, sync or async (a coroutine function is awaited; a sync one

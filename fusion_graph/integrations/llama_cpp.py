@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from fusion_graph.integrations.llama_cpp_sampling import (
     room,
 )
 from fusion_graph.integrations.usage import token_usage
+from fusion_graph.runtime import CallStopped, stop_requested
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator, Iterator, Sequence
@@ -190,22 +192,19 @@ class ChatLocalModel(BlockingChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        # Streamed internally, so a cancelled or timed-out call stops between tokens.
         opts = self._options(stop, kwargs)
-        chat = to_chat(messages, reader="the local model")
-        entry = self._loaded()
-        seed = opts.seed if opts.seed is not None else fresh_seed()
-        with entry.lock:
-            _, result = _chat_completion(entry, chat, opts, seed, stream=False)
-        choice = result["choices"][0]
-        usage = result["usage"]
+        total: AIMessageChunk | None = None
+        with contextlib.closing(self._iter_chunks(messages, opts)) as chunks:
+            for chunk in chunks:
+                piece = chunk.message
+                assert isinstance(piece, AIMessageChunk)
+                total = piece if total is None else total + piece
+        assert total is not None
         message = AIMessage(
-            content=choice["message"]["content"] or "",
-            usage_metadata=token_usage(usage["prompt_tokens"], usage["completion_tokens"]),
-            response_metadata={
-                "model_name": self.model_name,
-                "finish_reason": choice["finish_reason"],
-                "seed": seed,
-            },
+            content=total.content,
+            usage_metadata=total.usage_metadata,
+            response_metadata=total.response_metadata,
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -224,6 +223,9 @@ class ChatLocalModel(BlockingChatModel):
             finish_reason: str | None = None
             with contextlib.closing(parts):
                 for part in parts:
+                    if stop_requested():  # cancelled or timed out: free the model now
+                        msg = "the local model stopped: the call was cancelled or timed out"
+                        raise CallStopped(msg)
                     choice = part["choices"][0]
                     finish_reason = choice.get("finish_reason") or finish_reason
                     text = choice["delta"].get("content") or ""
@@ -291,7 +293,7 @@ class ChatLocalModel(BlockingChatModel):
             else:
                 put((None, None))
 
-        worker = loop.run_in_executor(None, produce)
+        worker = loop.run_in_executor(None, contextvars.copy_context().run, produce)
         try:
             while True:
                 chunk, error = await queue.get()

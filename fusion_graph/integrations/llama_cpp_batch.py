@@ -28,6 +28,7 @@ from fusion_graph.integrations.llama_cpp_sampling import (
     room,
 )
 from fusion_graph.integrations.usage import token_usage
+from fusion_graph.runtime import CallStopped, stop_requested
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -108,6 +109,9 @@ def sample_batch(
             logit_index = dict.fromkeys(range(n), (n_prompt - 1) % _N_BATCH)
             live = list(range(n))
             while live:
+                if stop_requested():  # cancelled or timed out: free the model now
+                    msg = "the local model stopped: the call was cancelled or timed out"
+                    raise CallStopped(msg)
                 still_live: list[int] = []
                 for seq in live:
                     token = int(ll.llama_sampler_sample(samplers[seq], ctx, logit_index[seq]))

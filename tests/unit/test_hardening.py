@@ -220,3 +220,34 @@ def test_a_model_spec_without_a_model_is_refused(text: str) -> None:
         ModelSpec.parse(text)
     spec = ModelSpec.parse("openai:http://127.0.0.1:8000/v1:llama3:8b:temperature=0.2")
     assert (spec.urls, spec.model) == (("http://127.0.0.1:8000/v1",), "llama3:8b")
+
+
+def test_a_timed_out_blocking_call_is_told_to_stop(mode: Mode) -> None:
+    import asyncio
+    import threading
+    import time
+
+    from fusion_graph.runtime import CallStopped, stop_requested
+
+    seen = threading.Event()
+
+    class Slow(FakeChatModel):
+        def _generate(
+            self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Any:
+            for _ in range(500):  # a blocking backend, checking between "tokens"
+                if stop_requested():
+                    seen.set()
+                    raise CallStopped("stopped")
+                time.sleep(0.01)
+            return super()._generate(messages, stop, run_manager, **kw)
+
+        async def _agenerate(
+            self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Any:  # like the embedded model: the blocking work in a worker thread
+            return await asyncio.to_thread(self._generate, messages, stop, None, **kw)
+
+    fused = fusion_of_n(Slow(), n=2, fusor=FakeChatModel(), timeout=0.1)
+    with pytest.raises(ExceptionGroup):  # both candidates timed out
+        mode.invoke(fused, "q")
+    assert seen.wait(timeout=10)  # and the blocking call heard it and stopped
