@@ -7,6 +7,7 @@ halves are public too: :class:`Fuse` and :class:`Select` decide among candidates
 already have.
 """
 
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from fusion_graph.errors import DecisionError, FusionGraphError, NotEnoughCandidatesError
@@ -19,6 +20,10 @@ from fusion_graph.prompts import PromptTemplate
 from fusion_graph.state import FusionState
 from fusion_graph.types import Candidate, Decision, ErrorInfo, FusionResult, TokenUsage
 from fusion_graph.wrap import FusionRunnable, best_of_n, fusion_of_n
+
+# Warnings (e.g. a fusor that failed and a fallback that answered) go to the
+# "fusion_graph" logger; configure logging to see them where you want them.
+logging.getLogger("fusion_graph").addHandler(logging.NullHandler())
 
 try:
     __version__ = version("fusion-graph")

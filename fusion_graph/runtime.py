@@ -75,7 +75,7 @@ _STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
 )
 
 
-class CallStopped(Exception):  # noqa: N818 - a stop on request, not an error of the call
+class CallStopped(Exception):
     """Raised by a blocking backend that stopped because :func:`stop_requested` said so."""
 
 

@@ -11,25 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
 from langchain_core.language_models import BaseChatModel
 from rich.console import Group
-from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
-from rich.table import Table
 
 from fusion_graph.cli.errors import CliError, err, explain
-from fusion_graph.events import DecisionMade, FusionEvent
+from fusion_graph.cli.progress import RunDisplay
 from fusion_graph.models import ModelSpec, build_model
 from fusion_graph.nodes.judges import make_selector
-from fusion_graph.types import FusionResult, TokenUsage
+from fusion_graph.types import Candidate, FusionResult, TokenUsage
 from fusion_graph.wrap import FusionRunnable, best_of_n, fusion_of_n
 
 
@@ -92,66 +89,16 @@ class ModelChoice:
             raise CliError(str(exc)) from exc
 
 
-@dataclass
-class Progress:
-    """The live table on stderr: one row per candidate, then the decision."""
-
-    n: int
-    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
-    decision: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def on_event(self, event: FusionEvent) -> None:
-        with self.lock:
-            if event["event"] == "candidate_started":
-                self.rows[event["index"]] = {"model": event["model"], "status": "running"}
-            elif event["event"] == "candidate_finished":
-                self.rows[event["index"]] = {
-                    "model": event["model"],
-                    "status": "ok" if event["ok"] else "failed",
-                    "tokens": event["output_tokens"],
-                    "seconds": event["latency_s"],
-                    "error": (event["error"] or {}).get("type"),
-                    "score": event["critique_score"],
-                }
-            elif event["event"] == "decision_started":
-                self.decision = f"deciding ({event['method']}) ..."
-            else:
-                self.decision = _describe_decision(event)
-
-    def render(self) -> Table:
-        with self.lock:
-            table = Table(
-                title=f"{self.n} candidates, {time.perf_counter() - self.started:.1f} s",
-                title_justify="left",
-                caption=self.decision or None,
-                caption_justify="left",
-            )
-            for column in ("#", "model", "status", "tokens", "seconds"):
-                table.add_column(column)
-            for i in range(self.n):
-                row = self.rows.get(i, {"model": "", "status": "waiting"})
-                status = row["status"]
-                style = {"ok": "green", "failed": "red", "running": "yellow"}.get(status, "dim")
-                label = f"failed ({row['error']})" if status == "failed" else status
-                table.add_row(
-                    str(i),
-                    escape(str(row["model"])),
-                    f"[{style}]{escape(label)}[/]",
-                    "" if row.get("tokens") is None else str(row["tokens"]),
-                    "" if row.get("seconds") is None else f"{row['seconds']:.2f}",
-                )
-            return table
-
-
-def _describe_decision(event: DecisionMade) -> str:
-    if event.get("fused"):
-        return f"fused by {event['method']} in {event['latency_s']:.2f} s"
-    score = event.get("score")
-    scored = f" (score {score:g})" if isinstance(score, int | float) else ""
-    fallback = " [fallback]" if event.get("fallback") else ""
-    return f"selected candidate {event['selected_index']}{scored} by {event['method']}{fallback}"
+def _candidate_panel(candidate: Candidate) -> Panel:
+    """A candidate (or its error) and its critiques, for --show-candidates."""
+    body = escape(candidate.text) if candidate.ok else f"[red]{escape(str(candidate.error))}[/]"
+    for critique in candidate.critiques:
+        score = f" {critique.score:g}/10" if critique.score is not None else ""
+        notes = critique.text if critique.error is None else f"failed: {critique.error}"
+        who = escape(f"critique{score} ({critique.model}):")
+        body += f"\n\n[dim]{who}[/] {escape(notes)}"
+    title = f"candidate {candidate.index} · {escape(candidate.model)}"
+    return Panel(body, title=title, title_align="left")
 
 
 def _result_json(prompt: str, result: FusionResult, seconds: float) -> dict[str, Any]:
@@ -259,6 +206,7 @@ def ask(
         timeout=timeout,
     )
     provider = None
+    interrupted = False
     try:
         text = _read_prompt(prompt)
         if trace or trace_endpoint:
@@ -285,17 +233,22 @@ def ask(
                 seed=seed,
                 timeout=timeout,
             )
-        progress = Progress(n=n)
+        display = RunDisplay(n, err)
         started = time.perf_counter()
-        with Live(progress.render(), console=err, refresh_per_second=8, transient=False) as live:
-
-            def on_event(event: FusionEvent) -> None:
-                progress.on_event(event)
-                live.update(progress.render())
-
-            result = asyncio.run(runnable.arun(text, on_event=on_event))
-            live.update(progress.render())
+        with display:
+            try:
+                result = asyncio.run(
+                    runnable.arun(text, on_event=display.on_event, on_token=display.on_token)
+                )
+            except KeyboardInterrupt:
+                summary = display.interrupted()
+                interrupted = True
         seconds = time.perf_counter() - started
+        if interrupted:
+            err.print(f"[yellow]Interrupted[/] after {seconds:.1f} s: {escape(summary)}.")
+            raise typer.Exit(130)
+    except typer.Exit:
+        raise
     except Exception as exc:
         if debug:
             raise
@@ -308,15 +261,7 @@ def ask(
             provider.shutdown()
 
     if show_candidates:
-        panels = [
-            Panel(
-                escape(c.text) if c.ok else f"[red]{escape(str(c.error and c.error.message))}[/]",
-                title=f"candidate {c.index} · {escape(c.model)}",
-                title_align="left",
-            )
-            for c in result.candidates
-        ]
-        err.print(Group(*panels))
+        err.print(Group(*(_candidate_panel(c) for c in result.candidates)))
     if as_json:
         typer.echo(json.dumps(_result_json(text, result, seconds), indent=2, ensure_ascii=False))
     else:
