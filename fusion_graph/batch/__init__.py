@@ -14,7 +14,7 @@ neither typer nor rich. Less common pieces are in the submodules: ``data``, ``st
 from fusion_graph.batch.data import PromptItem, builtin_eval_set, read_prompts
 from fusion_graph.batch.evaluate import EvalStrategy, Evaluator, default_strategies, run_eval
 from fusion_graph.batch.models import Defaults, JobStats, build_handle, build_pool
-from fusion_graph.batch.pool import Pool, RecordedModel, StoredModel
+from fusion_graph.batch.pool import JobModels, Pool, RecordedModel, StoredModel
 from fusion_graph.batch.report import EvalReport, plot_scores, write_results
 from fusion_graph.batch.store import CandidateStore, StoreConflictError
 from fusion_graph.batch.synth import OutputMismatchError, Synthesizer, SynthReport, run_synth
@@ -24,6 +24,7 @@ __all__ = [
     "Defaults",
     "EvalReport",
     "EvalStrategy",
+    "JobModels",
     "Evaluator",
     "JobStats",
     "OutputMismatchError",
