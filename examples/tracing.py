@@ -13,7 +13,7 @@ from __future__ import annotations
 from _common import chat_model, parser
 
 from fusion_graph import fusion_of_n
-from fusion_graph.integrations.opentelemetry import configure_otlp
+from fusion_graph.integrations.opentelemetry import configure_otlp, trace_delivery
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> None:
         trace_id = format(span.get_span_context().trace_id, "032x")
     provider.force_flush()
     provider.shutdown()
-    print(f"trace {trace_id} sent to {args.endpoint or 'the OTEL_EXPORTER_OTLP endpoint'}")
+    delivery = trace_delivery(provider)
+    if delivery is not None and delivery.failed:
+        print(f"trace {trace_id} was NOT sent: {delivery.endpoint} is not accepting spans")
+    else:
+        print(f"trace {trace_id} sent to {args.endpoint or 'the OTEL_EXPORTER_OTLP endpoint'}")
     print(answer.text)
 
 

@@ -127,6 +127,20 @@ def _start_tracing(endpoint: str | None, project: str | None) -> Any:
     return configure_otlp(endpoint, project=project)
 
 
+def _finish_tracing(provider: Any) -> None:
+    """Flush the trace and say once, in a sentence, if it could not be sent."""
+    from fusion_graph.integrations.opentelemetry import trace_delivery
+
+    provider.force_flush()
+    provider.shutdown()
+    delivery = trace_delivery(provider)
+    if delivery is not None and delivery.failed:
+        err.print(
+            f"[yellow]The trace was not sent:[/] {escape(delivery.endpoint)} did not accept "
+            f"{delivery.failed} span(s). Is the collector running (e.g. Phoenix on :6006)?"
+        )
+
+
 def _read_prompt(prompt: str) -> str:
     if prompt == "-":
         if sys.stdin.isatty():
@@ -257,8 +271,7 @@ def ask(
         raise typer.Exit(problem.code) from None
     finally:
         if provider is not None:
-            provider.force_flush()
-            provider.shutdown()
+            _finish_tracing(provider)
 
     if show_candidates:
         err.print(Group(*(_candidate_panel(c) for c in result.candidates)))

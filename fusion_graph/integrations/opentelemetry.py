@@ -22,10 +22,13 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -329,12 +332,64 @@ class FusionGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         set_hooks(None)
 
 
+@dataclass
+class TraceDelivery:
+    """What the exporter of :func:`configure_otlp` managed to send (see
+    :func:`trace_delivery`)."""
+
+    endpoint: str
+    """Where spans go (``"the OTEL_EXPORTER_OTLP endpoint"`` when taken from the variables)."""
+    sent: int = 0
+    """Spans the collector accepted."""
+    failed: int = 0
+    """Spans that could not be sent (after the exporter's own retries)."""
+    error: str | None = None
+    """Why the first failed batch failed, when the exporter said."""
+
+
+_DELIVERIES: weakref.WeakKeyDictionary[Any, TraceDelivery] = weakref.WeakKeyDictionary()
+
+
+def trace_delivery(provider: Any) -> TraceDelivery | None:
+    """How many spans the provider made by :func:`configure_otlp` sent and failed to send
+    (``None`` for any other provider). Read it after ``force_flush()``."""
+    return _DELIVERIES.get(provider)
+
+
+def _reporting(exporter: Any, delivery: TraceDelivery) -> Any:
+    """``exporter`` that counts what it sent and failed to send, and says once, through the
+    ``fusion_graph`` logger, that export failed (instead of the exporter's line per retry)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class ReportingExporter(SpanExporter):
+        def export(self, spans: Any) -> Any:
+            result = exporter.export(spans)
+            if result is SpanExportResult.SUCCESS:
+                delivery.sent += len(spans)
+                return result
+            if not delivery.failed:
+                logging.getLogger("fusion_graph").warning(
+                    "could not send traces to %s (is the collector running?)", delivery.endpoint
+                )
+            delivery.failed += len(spans)
+            return result
+
+        def shutdown(self) -> None:
+            exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return bool(exporter.force_flush(timeout_millis))
+
+    return ReportingExporter()
+
+
 def configure_otlp(
     endpoint: str | None = None,
     *,
     service_name: str = "fusion-graph",
     project: str | None = None,
     capture_content: bool | None = None,
+    timeout: float = 5.0,
 ) -> TracerProvider:
     """Send fusion-graph traces over OTLP/HTTP: one line for a local Phoenix or collector.
 
@@ -351,6 +406,10 @@ def configure_otlp(
         service_name: The ``service.name`` resource attribute.
         project: The Phoenix project (``openinference.project.name``); default "default".
         capture_content: As for :meth:`FusionGraphInstrumentor.instrument`.
+        timeout: Seconds the exporter may spend on one batch, retries included: an
+            unreachable collector costs at most this much at exit. Failures are counted
+            (:func:`trace_delivery`) and reported once through the ``fusion_graph`` logger;
+            the OTLP exporter's own line per retry is silenced.
 
     Example:
         >>> provider = configure_otlp("http://127.0.0.1:6006", project="demo")  # doctest: +SKIP
@@ -366,9 +425,12 @@ def configure_otlp(
     provider = TracerProvider(resource=Resource.create(resource))
     if endpoint is not None and not endpoint.rstrip("/").endswith("/v1/traces"):
         endpoint = endpoint.rstrip("/") + "/v1/traces"
+    delivery = TraceDelivery(endpoint=endpoint or "the OTEL_EXPORTER_OTLP endpoint")
+    logging.getLogger("opentelemetry.exporter.otlp.proto.http").setLevel(logging.CRITICAL)
+    exporter = _reporting(OTLPSpanExporter(endpoint=endpoint, timeout=timeout), delivery)
     # A large queue: the default (2048) drops spans when many runs finish at once.
-    processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), max_queue_size=8192)
-    provider.add_span_processor(processor)
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8192))
+    _DELIVERIES[provider] = delivery
     instrumentor = FusionGraphInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()

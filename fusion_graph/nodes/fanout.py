@@ -139,9 +139,11 @@ class _Run:
     seeds: list[int]
 
     def _info(self, index: int, name: str) -> CallInfo:
-        return CallInfo(
-            index=index, model=name, seed=self.seeds[index], temperature=self.fan_out.temperature
-        )
+        generator = self.fan_out.generator(index)
+        temperature = self.fan_out.temperature
+        if temperature is None or not generator.takes_temperature:
+            temperature = generator.model_temperature
+        return CallInfo(index=index, model=name, seed=self.seeds[index], temperature=temperature)
 
     async def one(self, index: int) -> Generated:
         generator = self.fan_out.generator(index)

@@ -533,3 +533,38 @@ def test_configure_otlp_replaces_an_earlier_instrumentation(
     finally:
         FusionGraphInstrumentor().uninstrument()
         provider.shutdown()
+
+
+def test_candidate_spans_carry_the_models_own_temperature(tracing: Tracing) -> None:
+    # No temperature set on the run: the spans say what the model samples at.
+    hot = FakeChatModel(replies=ANSWERS, model_name="hot", temperature=0.9)
+    bound = FakeChatModel(replies=ANSWERS, model_name="bound").bind(temperature=0.3)
+    fusion_of_n([hot, bound], n=2, fusor=FakeChatModel()).invoke("q?")
+    assert attrs(tracing.candidates("hot")[0])["gen_ai.request.temperature"] == 0.9
+    assert attrs(tracing.candidates("bound")[0])["gen_ai.request.temperature"] == 0.3
+
+
+def test_an_unreachable_collector_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import socket
+
+    from fusion_graph.integrations.opentelemetry import configure_otlp, trace_delivery
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    provider = configure_otlp(f"http://127.0.0.1:{port}", timeout=1.0)
+    try:
+        with caplog.at_level(logging.WARNING):
+            fusion_of_n(FakeChatModel(), n=2, fusor=FakeChatModel()).invoke("q?")
+            provider.force_flush()
+            fusion_of_n(FakeChatModel(), n=2, fusor=FakeChatModel()).invoke("q?")
+            provider.force_flush()
+    finally:
+        provider.shutdown()
+        FusionGraphInstrumentor().uninstrument()
+    delivery = trace_delivery(provider)
+    assert delivery is not None and delivery.failed >= 8 and delivery.sent == 0
+    ours = [r for r in caplog.records if r.name == "fusion_graph"]
+    assert len(ours) == 1 and "could not send traces" in ours[0].getMessage()
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry.exporter")]
