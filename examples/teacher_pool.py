@@ -21,11 +21,16 @@ def main(argv: list[str] | None = None) -> None:
     judge = chat_model(args, temperature=0.0, max_tokens=48)
     best = best_of_n(pool, n=max(args.n, 3), selector=PairwiseJudge(judge))
     result = best.run(QUESTION)
+    decision = result.decision
+    # The tournament scores matches won; a fallback vote scores each answer's vote share.
+    unit = "matches won" if decision.method.startswith("pairwise") else "vote share"
     for c in result.candidates:
-        wins = result.decision.scores.get(c.index, 0)
+        score = decision.scores.get(c.index, 0)
         status = c.text.replace("\n", " ")[:70] if c.ok else f"failed: {c.error}"
-        print(f"[{c.index}] {c.model} (seed {c.seed}, {wins:g} wins): {status}")
-    print(f"\nWinner: candidate {result.decision.selected_index} ({result.decision.method})")
+        print(f"[{c.index}] {c.model} (seed {c.seed}, {unit} {score:g}): {status}")
+    print(f"\nWinner: candidate {decision.selected_index} ({decision.method})")
+    if decision.fallback:
+        print(f"(the judge failed, so a vote decided: {decision.fallback_reason})")
     print(result.message.text)
 
 
