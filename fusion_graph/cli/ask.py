@@ -267,7 +267,7 @@ def ask(
         if debug:
             raise
         problem = explain(exc, where=choice.where, api_key_env=choice.api_key_env)
-        err.print(f"[bold red]Error:[/] {escape(str(problem))}")
+        err.print(f"[bold red]Error:[/] {escape(str(problem))}", soft_wrap=True)
         raise typer.Exit(problem.code) from None
     finally:
         if provider is not None:

@@ -53,5 +53,5 @@ def fail(exc: BaseException, *, where: str, api_key_env: str, debug: bool) -> No
     if debug:
         raise exc
     problem = explain(exc, where=where, api_key_env=api_key_env)
-    err.print(f"[bold red]Error:[/] {escape(str(problem))}")
+    err.print(f"[bold red]Error:[/] {escape(str(problem))}", soft_wrap=True)
     raise typer.Exit(problem.code) from None

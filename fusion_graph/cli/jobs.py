@@ -87,6 +87,12 @@ def read_items(
         msg = f"The prompt file {path} does not exist."
         raise CliError(msg, code=2)
     prompts = usage(lambda p: read_prompts(p, columns=columns), path)
+    if not prompts.items:
+        msg = (
+            f"The prompt file {path} holds no prompts: write one JSON object per line with a "
+            f"{columns.prompt!r} field (or a CSV/TSV with a {columns.prompt!r} column)."
+        )
+        raise CliError(msg, code=2)
     part = usage(parse_shard, shard) if shard else None
     return select_items(prompts.items, limit=limit, shard=part), prompts.duplicates
 

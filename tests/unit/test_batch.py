@@ -962,3 +962,14 @@ def test_help_lists_the_spec_grammar() -> None:
     assert "openai:URL:MODEL" in text and "resume" in text
     text = " ".join(runner.invoke(app, ["eval", "--help"]).stdout.split())
     assert "majority-vote" in text and "builtin" in text
+
+
+def test_an_empty_prompt_file_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    from fusion_graph.cli import app
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = runner.invoke(app, ["synth", str(empty), "-o", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 2
+    assert "holds no prompts" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
