@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.prompt_values import PromptValue
 
@@ -66,3 +67,16 @@ def as_reply(value: Any, *, who: str) -> AIMessage:
         msg = f"{who} returned {type(value).__name__}, expected an AIMessage or a string"
         raise TypeError(msg)
     return check_reply(value)
+
+
+class ChatContract:
+    """Mix into a Runnable that keeps a chat model's contract (``messages | str ->
+    AIMessage``), so LangChain and LangGraph see the right input and output types."""
+
+    @property
+    def InputType(self) -> Any:
+        return LanguageModelInput
+
+    @property
+    def OutputType(self) -> type[AIMessage]:
+        return AIMessage

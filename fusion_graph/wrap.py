@@ -16,10 +16,20 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.prompts import BasePromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from langgraph.pregel import Pregel
 from langgraph.types import RetryPolicy
 
+from fusion_graph.bindings import (
+    options_binder,
+    rebound,
+    schema_tool_name,
+    structured,
+    tools_binder,
+    with_sampling,
+)
 from fusion_graph.events import EventSink
-from fusion_graph.messages import state_messages, to_messages
+from fusion_graph.messages import ChatContract, to_messages
+from fusion_graph.node import FusionNode
 from fusion_graph.nodes.decide import Selector
 from fusion_graph.nodes.select import RewardFn
 from fusion_graph.options import FusionOptions
@@ -28,8 +38,11 @@ from fusion_graph.runtime import run_sync
 from fusion_graph.step import FusionStep
 from fusion_graph.types import FusionResult
 
+__all__ = ["FusionNode", "FusionRunnable", "StepOptions", "best_of_n", "fusion_of_n"]
+
 NodeFunction = Callable[..., Any]
-"""A LangGraph node function: ``(state[, config]) -> update``, sync or async."""
+"""A LangGraph node function: ``(state)``, ``(state, config)``, ``(state, *, runtime)``,
+``(state, runtime: Runtime[Ctx])`` ... -> update or ``Command``, sync or async."""
 
 
 class StepOptions(TypedDict, total=False):
@@ -47,7 +60,7 @@ class StepOptions(TypedDict, total=False):
     temperature: float | None
 
 
-class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
+class FusionRunnable(ChatContract, Runnable[LanguageModelInput, AIMessage]):
     """A Runnable with the wrapped model's contract (``messages | str -> AIMessage``) that
     answers with N candidates fused or selected. Made by :func:`fusion_of_n` /
     :func:`best_of_n`; ``invoke``, ``ainvoke``, ``batch`` and ``stream`` work as usual.
@@ -56,14 +69,6 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
     def __init__(self, step: FusionStep) -> None:
         self.step = step
         self.name = "FusionOfN" if step.options.strategy == "fusion" else "BestOfN"
-
-    @property
-    def InputType(self) -> Any:
-        return LanguageModelInput
-
-    @property
-    def OutputType(self) -> type[AIMessage]:
-        return AIMessage
 
     def run(
         self,
@@ -132,18 +137,65 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
     def invoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AIMessage:
-        return self.run(input, config).message
+        """One fused or selected answer; call options in ``kwargs`` (``stop=...``) reach
+        every candidate call and the fusor (see :meth:`bind`)."""
+        return self.bind(**kwargs).run(input, config).message
 
     async def ainvoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AIMessage:
-        return (await self.arun(input, config)).message
+        return (await self.bind(**kwargs).arun(input, config)).message
+
+    def bind(self, **kwargs: Any) -> FusionRunnable:
+        """The same step with call options bound on every generator and on the fusor (the
+        judges and critic keep theirs); ``seed`` and ``temperature`` become the step's own
+        options (candidate ``i`` gets ``seed + i``). A wrapped model, not a
+        ``RunnableBinding``, so ``bind_tools`` and ``run`` still work on the result."""
+        if not kwargs:
+            return self
+        rest = dict(kwargs)
+        options = with_sampling(self.step.options, rest)
+        step = self.step
+        if options is not step.options:
+            step = FusionStep.build([g.target for g in step.fan_out.generators], options)
+        if rest:
+            step = rebound(step, options_binder(rest), fusor=True)
+        return FusionRunnable(step)
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> FusionRunnable:
+        """The same step with every generator bound to ``tools`` (``bind_tools(tools,
+        **kwargs)``) and, for FusioN, the fusor too, so the fused answer may call them (BoN
+        returns the winner's calls untouched). fusion-graph never runs a tool: the agent's
+        tool node runs the answer's calls once."""
+        fuse = self.step.options.strategy == "fusion"
+        return FusionRunnable(rebound(self.step, tools_binder(tools, kwargs), fusor=fuse))
+
+    def with_structured_output(
+        self, schema: Any, *, include_raw: bool = False, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Answers parsed into ``schema`` (a pydantic class, TypedDict or JSON schema).
+
+        The schema is a tool every candidate is made to call (``tool_choice`` is its name),
+        so the candidates produce the schema; the fusor emits it (fusion) or the winner's
+        call is used (BoN), and that call is parsed. ``include_raw=True`` returns
+        ``{"raw": AIMessage, "parsed": ..., "parsing_error": None}``."""
+        if kwargs:
+            msg = (
+                f"with_structured_output on a wrapped model takes schema and include_raw only, "
+                f"not {', '.join(sorted(kwargs))} (the schema is always called as a tool)"
+            )
+            raise TypeError(msg)
+        bound = self.bind_tools([schema], tool_choice=schema_tool_name(schema))
+        return structured(bound, schema, include_raw=include_raw)
 
     def stream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[AIMessageChunk]:
         """Yield the fusor's chunks as they are generated (BoN, or a fallback: the chosen
         answer as one chunk). The candidates run first, in parallel."""
+        if kwargs:
+            yield from self.bind(**kwargs).stream(input, config)
+            return
         items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
         def work() -> None:
@@ -171,6 +223,10 @@ class FusionRunnable(Runnable[LanguageModelInput, AIMessage]):
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[AIMessageChunk]:
         """Async :meth:`stream`."""
+        if kwargs:
+            async for chunk in self.bind(**kwargs).astream(input, config):
+                yield chunk
+            return
         items: asyncio.Queue[AIMessageChunk] = asyncio.Queue()
         task = asyncio.ensure_future(self.arun(input, config, on_token=items.put_nowait))
         streamed = False
@@ -207,64 +263,37 @@ def as_chunk(message: AIMessage) -> AIMessageChunk:
     )
 
 
-class FusionNode(Runnable[Any, dict[str, Any]]):
-    """A LangGraph node with the wrapped node's contract (``state -> partial update``).
-
-    The update is the wrapped node's own update (the winner's, or for a fusion the first
-    successful candidate's), with its last ``AIMessage`` replaced by the final answer.
-    """
-
-    def __init__(self, step: FusionStep, name: str) -> None:
-        self.step = step
-        self.name = name
-        self.__name__ = name
-
-    def _update(self, result: FusionResult) -> dict[str, Any]:
-        update = dict(result.update or {})
-        messages = update.get("messages")
-        items = list(messages) if isinstance(messages, Sequence) else [messages]
-        for i in range(len(items) - 1, -1, -1):
-            if isinstance(items[i], AIMessage):
-                items[i] = result.message
-                break
-        else:
-            items = [result.message]
-        update["messages"] = items
-        return update
-
-    def _run(self, state: Any, config: RunnableConfig) -> dict[str, Any]:
-        conversation = state_messages(state)
-        result = run_sync(lambda: self.step.run(state, conversation, config, sync=True))
-        return self._update(result)
-
-    async def _arun(self, state: Any, config: RunnableConfig) -> dict[str, Any]:
-        conversation = state_messages(state)
-        return self._update(await self.step.run(state, conversation, config, sync=False))
-
-    def invoke(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        return self._call_with_config(cast("Any", self._run), input, ensure_config(config))
-
-    async def ainvoke(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        arun = cast("Any", self._arun)
-        return await self._acall_with_config(arun, input, ensure_config(config))
-
-    def __call__(self, state: Any, config: RunnableConfig | None = None) -> dict[str, Any]:
-        """Call it like the node it wraps."""
-        return self.invoke(state, config)
-
-
-def wrap_step(step: Any, options: FusionOptions) -> FusionRunnable | FusionNode:
+def wrap_step(
+    step: Any,
+    options: FusionOptions,
+    *,
+    candidates_key: str | None = None,
+    decision_key: str | None = None,
+) -> FusionRunnable | FusionNode:
     """The Runnable or node shell around ``step`` (a model, a node, or a pool)."""
+    members = step if isinstance(step, list | tuple) else [step]
+    if any(isinstance(m, Pregel) for m in members):
+        msg = (
+            "fusion_of_n / best_of_n got a compiled LangGraph graph (a whole agent). Each "
+            "candidate would be a full agent run executing its own tools, N times over; that is "
+            "not supported. Wrap the agent's model step instead: create_agent(model, tools, "
+            "middleware=[FusionMiddleware(n=4, fusor=model)]) (fusion_graph.middleware), "
+            "create_agent(fusion_of_n(model, n=4, fusor=model), tools), or, in your own "
+            "graph, fusion_of_n(call_model_node, ...)."
+        )
+        raise TypeError(msg)
     built = FusionStep.build(step, options)
     if not built.is_node:
+        if candidates_key is not None or decision_key is not None:
+            msg = (
+                "candidates_key / decision_key are for a wrapped node (they name state keys); "
+                "a wrapped model returns an AIMessage: use .run(...) for the candidates"
+            )
+            raise ValueError(msg)
         return FusionRunnable(built)
-    first = step[0] if isinstance(step, list | tuple) else step
     prefix = "fusion_of_n" if options.strategy == "fusion" else "best_of_n"
-    return FusionNode(built, f"{prefix}({getattr(first, '__name__', 'node')})")
+    name = f"{prefix}({getattr(members[0], '__name__', 'node')})"
+    return FusionNode(built, name, candidates_key=candidates_key, decision_key=decision_key)
 
 
 @overload
@@ -283,6 +312,8 @@ def fusion_of_n(
     n: int,
     fusor: Runnable[Any, Any],
     prompt: PromptTemplate = ...,
+    candidates_key: str | None = ...,
+    decision_key: str | None = ...,
     **options: Unpack[StepOptions],
 ) -> FusionNode: ...
 def fusion_of_n(
@@ -291,6 +322,8 @@ def fusion_of_n(
     n: int,
     fusor: Runnable[Any, Any],
     prompt: PromptTemplate = FUSION_PROMPT,
+    candidates_key: str | None = None,
+    decision_key: str | None = None,
     **options: Unpack[StepOptions],
 ) -> FusionRunnable | FusionNode:
     """Fusion-of-N: N candidates in parallel, then a fusor writes one answer from all.
@@ -303,20 +336,27 @@ def fusion_of_n(
         fusor: The chat model that writes the final answer. Bind it to the same tools as
             the step (``fusor=llm.bind_tools(tools)``) to let it answer with tool calls.
         prompt: The fusion prompt template.
+        candidates_key: A wrapped node only: also write the candidates
+            (``list[Candidate]``) to this state key (declare it in your state). Off by
+            default.
+        decision_key: A wrapped node only: also write the ``Decision`` to this state key.
         **options: ``critic``, ``critique_prompt``, ``min_candidates``,
             ``max_concurrency``, ``timeout``, ``retry``, ``fallback``, ``seed``,
             ``temperature``: see :class:`~fusion_graph.options.FusionOptions`.
 
     Returns:
-        For a Runnable: a :class:`FusionRunnable` (same input and output). For a node
-        function: a :class:`FusionNode` to pass to ``StateGraph.add_node``.
+        For a Runnable: a :class:`FusionRunnable` (same input and output; it has
+        ``bind_tools``, ``with_structured_output`` and ``bind``, so it drops into
+        ``create_agent`` / ``create_react_agent`` as the model). For a node function: a
+        :class:`FusionNode` to pass to ``StateGraph.add_node``. A compiled graph (a whole
+        agent) is refused with what to wrap instead.
 
     Example:
         >>> fused = fusion_of_n(llm, n=5, fusor=llm)  # doctest: +SKIP
         >>> fused.invoke("Why is the sky blue?").content  # doctest: +SKIP
     """
     built = FusionOptions(n=n, strategy="fusion", fusor=fusor, prompt=prompt, **options)
-    return wrap_step(step, built)
+    return wrap_step(step, built, candidates_key=candidates_key, decision_key=decision_key)
 
 
 @overload
@@ -333,6 +373,8 @@ def best_of_n(
     *,
     n: int,
     selector: Selector | RewardFn,
+    candidates_key: str | None = ...,
+    decision_key: str | None = ...,
     **options: Unpack[StepOptions],
 ) -> FusionNode: ...
 def best_of_n(
@@ -340,6 +382,8 @@ def best_of_n(
     *,
     n: int,
     selector: Selector | RewardFn,
+    candidates_key: str | None = None,
+    decision_key: str | None = None,
     **options: Unpack[StepOptions],
 ) -> FusionRunnable | FusionNode:
     """Best-of-N: N candidates in parallel, then a selector picks one, unchanged (tool
@@ -354,9 +398,10 @@ def best_of_n(
             candidate) -> float`` (sync or async; highest wins).
         **options: As for :func:`fusion_of_n`; ``fallback`` decides when the selector
             fails (e.g. a judge that answers nonsense for every candidate).
+        candidates_key, decision_key: As for :func:`fusion_of_n`.
 
     Example:
         >>> best = best_of_n(llm, n=5, selector=LLMJudge(judge))  # doctest: +SKIP
     """
     built = FusionOptions(n=n, strategy="best_of_n", selector=selector, **options)
-    return wrap_step(step, built)
+    return wrap_step(step, built, candidates_key=candidates_key, decision_key=decision_key)

@@ -42,7 +42,7 @@ from fusion_graph.batch.models import (
     decider_spec,
 )
 from fusion_graph.batch.store import CandidateStore, StoreConflictError, call_key
-from fusion_graph.messages import check_reply, to_messages
+from fusion_graph.messages import ChatContract, check_reply, to_messages
 from fusion_graph.models import ModelSpec
 from fusion_graph.nodes.fanout import FanOut
 from fusion_graph.nodes.generator import Generator
@@ -70,7 +70,7 @@ class PromptKey:
     input_hash: str
 
 
-class StoredModel(RunnableSerializable[LanguageModelInput, AIMessage]):
+class StoredModel(ChatContract, RunnableSerializable[LanguageModelInput, AIMessage]):
     """A teacher as a chat model whose samples go through the store (see the module docs).
 
     A call's ``seed`` keys its sample; the prompt is the one named in the config metadata
@@ -99,14 +99,6 @@ class StoredModel(RunnableSerializable[LanguageModelInput, AIMessage]):
         return kind(
             handle=handle, store=store, stats=stats, seed=handle.seed, model_name=handle.name
         )
-
-    @property
-    def InputType(self) -> Any:
-        return LanguageModelInput
-
-    @property
-    def OutputType(self) -> type[AIMessage]:
-        return AIMessage
 
     def _seed(self, seed: int | None) -> int:
         if seed is not None:
@@ -285,7 +277,7 @@ def _with_stored_latency(candidate: Candidate) -> Candidate:
     return candidate.model_copy(update={"latency_s": latency})
 
 
-class RecordedModel(Runnable[LanguageModelInput, AIMessage]):
+class RecordedModel(ChatContract, Runnable[LanguageModelInput, AIMessage]):
     """A deciding model (fusor, judge) that answers from the store's ``calls`` table when
     this exact call was made before, else calls the model and records the reply. Identical
     calls in flight at the same time are made once."""
@@ -300,14 +292,6 @@ class RecordedModel(Runnable[LanguageModelInput, AIMessage]):
         self.model_name = handle.model_id
         self.name = f"{role}:{handle.name}"
         self._pending: dict[str, asyncio.Future[AIMessage]] = {}
-
-    @property
-    def InputType(self) -> Any:
-        return LanguageModelInput
-
-    @property
-    def OutputType(self) -> type[AIMessage]:
-        return AIMessage
 
     async def ainvoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
