@@ -257,9 +257,7 @@ def _settings(spec: ModelSpec, defaults: Defaults) -> dict[str, Any]:
     }
 
 
-def build_handle(
-    spec: ModelSpec, defaults: Defaults, *, name: str | None = None
-) -> ModelHandle:
+def build_handle(spec: ModelSpec, defaults: Defaults, *, name: str | None = None) -> ModelHandle:
     """A :class:`ModelHandle` for ``spec`` (models are built, not called).
 
     Raises:
@@ -342,9 +340,7 @@ RESERVED_NAMES = frozenset(
 """Columns of a synth row: no teacher may be named after one."""
 
 
-def build_pool(
-    specs: Sequence[ModelSpec], defaults: Defaults
-) -> list[ModelHandle]:
+def build_pool(specs: Sequence[ModelSpec], defaults: Defaults) -> list[ModelHandle]:
     """Handles for a pool of teachers, with unique names (``name=`` or the model name,
     ``-2``, ``-3`` ... for repeats). Two teachers with the same model and sampling
     settings would be one teacher twice: that is an error."""
