@@ -25,7 +25,6 @@ import typer
 from fusion_graph.batch.data import BUILTIN, Columns
 from fusion_graph.batch.evaluate import STRATEGY_NAMES, Evaluator
 from fusion_graph.batch.metrics import EXTRACTORS, get_extractor
-from fusion_graph.batch.models import Defaults
 from fusion_graph.batch.pool import FUSOR_TEMPERATURE, JUDGE_MAX_TOKENS, JobModels
 from fusion_graph.batch.report import EvalReport, plot_scores, write_results
 from fusion_graph.batch.store import CandidateStore
@@ -34,6 +33,7 @@ from fusion_graph.cli.errors import err
 from fusion_graph.cli.jobs import (
     eval_summary,
     eval_with_progress,
+    job_defaults,
     parse_ns,
     parse_strategies,
     read_items,
@@ -170,18 +170,11 @@ def synth(
     """
     store_path = store or output.with_name(output.name + ".store.sqlite")
 
+    defaults = job_defaults(locals())
+
     def work(specs: list[ModelSpec]) -> tuple[SynthReport, int]:
         columns = Columns(prompt=prompt_field, id=id_field)
         items, duplicates = read_items(str(prompts), columns, limit, shard)
-        defaults = Defaults(
-            temperature=temperature,
-            max_tokens=max_tokens,
-            seed=seed,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            retries=retries,
-            endpoint_concurrency=endpoint_concurrency,
-        )
         with CandidateStore(store_path) as db:
             models = JobModels(specs, defaults, db)
             synthesizer = Synthesizer.of(models, selector=selector.value, judge=judge, fusor=fusor)
@@ -302,19 +295,12 @@ def eval_command(
     Example: eval --limit 40 --n 1,2,4 --max-tokens 48 --out eval-results
     """
 
+    defaults = job_defaults(locals())
+
     def work(specs: list[ModelSpec]) -> tuple[EvalReport, dict[str, Path]]:
         ns, names = parse_ns(n), parse_strategies(strategies, baseline)
         extract = usage(get_extractor, extractor)
         items, _ = read_items(dataset, Columns(), limit, None)
-        defaults = Defaults(
-            temperature=temperature,
-            max_tokens=max_tokens,
-            seed=seed,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            retries=retries,
-            endpoint_concurrency=endpoint_concurrency,
-        )
         store_path = store or out_dir / "store.sqlite"
         with CandidateStore(store_path) as db:
             evaluator = Evaluator.of(

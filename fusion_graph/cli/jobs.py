@@ -5,9 +5,10 @@ summaries. The commands themselves are in :mod:`fusion_graph.cli.batch`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich import box
@@ -34,7 +35,7 @@ from fusion_graph.batch.data import (
     select_items,
 )
 from fusion_graph.batch.evaluate import STRATEGY_NAMES, Evaluator, run_eval
-from fusion_graph.batch.models import JobStats
+from fusion_graph.batch.models import Defaults, JobStats
 from fusion_graph.batch.report import TABLE_HEADER, EvalReport, ItemResult, table_rows
 from fusion_graph.batch.synth import Synthesizer, SynthReport, run_synth
 from fusion_graph.cli.errors import CliError, err, fail
@@ -76,6 +77,13 @@ def run_job(
         key_env = str(first.options.get("api_key_env", api_key_env)) if first else api_key_env
         fail(exc, where=where, api_key_env=key_env, debug=debug)
         raise typer.Exit(1) from exc  # not reached: fail() exits
+
+
+def job_defaults(options: Mapping[str, Any]) -> Defaults:
+    """The :class:`~fusion_graph.batch.models.Defaults` of a job from the command's options
+    of the same names (``synth`` and ``eval`` share them: temperature, max_tokens, seed,
+    api_key_env, timeout, retries, endpoint_concurrency)."""
+    return Defaults(**{f.name: options[f.name] for f in fields(Defaults) if f.name in options})
 
 
 def read_items(
