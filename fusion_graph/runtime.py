@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.constants import TAG_NOSTREAM
+from langgraph.errors import GraphBubbleUp
 from langgraph.types import RetryPolicy
 from tenacity import (
     AsyncRetrying,
@@ -161,7 +162,7 @@ def _retry_predicate(policy: RetryPolicy) -> Callable[[BaseException], bool]:
     retry_on = policy.retry_on
 
     def predicate(exc: BaseException) -> bool:
-        if not isinstance(exc, Exception) or isinstance(exc, CallAborted):
+        if not isinstance(exc, Exception) or isinstance(exc, CallAborted | GraphBubbleUp):
             return False
         if isinstance(exc, TimeoutError):  # our own per-attempt timeout: always retryable
             return True
@@ -226,7 +227,9 @@ class Caller:
     ) -> CallResult[T]:
         """Call ``sync_fn`` or ``async_fn`` (whichever suits the mode and exists), with the
         retry policy, per-attempt timeout and concurrency bound. Never raises an
-        ``Exception``: the last error is returned in the result."""
+        ``Exception`` but LangGraph's control flow (``GraphBubbleUp``: ``GraphInterrupt``
+        from ``interrupt()``, ``ParentCommand``), which propagates unretried; the last
+        error is returned in the result."""
         start = time.perf_counter()
         attempts = 0
 
@@ -245,6 +248,10 @@ class Caller:
                 value = await self._retrying()(attempt)
         except CallAborted:
             raise  # Ctrl-C or exit inside the call: the run ends, the loop lives on
+        except GraphBubbleUp:
+            # LangGraph control flow (interrupt(), a Command for the parent graph): not a
+            # failure, never retried; it ends the run and LangGraph handles it.
+            raise
         except Exception as exc:  # recorded, not raised: a failed call is data
             return CallResult(None, exc, attempts, time.perf_counter() - start)
         return CallResult(value, None, attempts, time.perf_counter() - start)

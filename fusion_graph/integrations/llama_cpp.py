@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
 
@@ -48,6 +49,14 @@ from fusion_graph.integrations.llama_cpp_sampling import (
     fresh_seed,
     room,
 )
+from fusion_graph.integrations.llama_cpp_tools import (
+    as_plain_messages,
+    forced_tool,
+    parse_reply,
+    reply_schema,
+    tool_specs,
+    tools_prompt,
+)
 from fusion_graph.integrations.usage import token_usage
 from fusion_graph.runtime import CallStopped, stop_requested
 
@@ -60,11 +69,13 @@ if TYPE_CHECKING:
     )
     from langchain_core.language_models import LanguageModelInput
     from langchain_core.language_models.base import LangSmithParams
+    from langchain_core.runnables import Runnable
 
 __all__ = ["ChatLocalModel", "default_model_path"]
 
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop"})
 _IGNORED_OPTIONS = frozenset({"stream"})
+_TOOL_OPTIONS = ("tools", "tool_choice")
 
 
 def _chat_completion(
@@ -183,6 +194,55 @@ class ChatLocalModel(BlockingChatModel):
             seed = check_seed(seed)
         return SamplingOptions(temperature, top_p, max_tokens, seed, stops)
 
+    # -- tools --------------------------------------------------------------------------------
+
+    def bind_tools(
+        self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools: replies are constrained by a JSON-schema grammar to one valid tool
+        call or a text answer (:mod:`~fusion_graph.integrations.llama_cpp_tools`).
+        ``tool_choice``: ``None``/``"auto"``, ``"any"``/``"required"``, or a tool name."""
+        specs = tool_specs(tools)
+        forced_tool(tool_choice, specs)  # checked now, not at the first call
+        return self.bind(tools=specs, tool_choice=tool_choice, **kwargs)
+
+    def _tool_reply(
+        self, messages: list[BaseMessage], opts: SamplingOptions, tools: dict[str, Any]
+    ) -> AIMessage:
+        specs = tools["tools"]
+        forced = forced_tool(tools.get("tool_choice"), specs)
+        plain = as_plain_messages(messages)
+        intro = tools_prompt(specs, forced)
+        if plain and isinstance(plain[0], SystemMessage):
+            plain = [SystemMessage(content=f"{plain[0].text}\n\n{intro}"), *plain[1:]]
+        else:
+            plain = [SystemMessage(content=intro), *plain]
+        chat = to_chat(plain, reader="the local model")
+        entry = self._loaded()
+        seed = opts.seed if opts.seed is not None else fresh_seed()
+        with entry.lock:
+            n_prompt = len(entry.prompt_tokens(chat))
+            result = entry.llama.create_chat_completion(
+                messages=chat,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                top_k=TOP_K,
+                min_p=MIN_P,
+                max_tokens=room(n_prompt, opts.max_tokens, entry.n_ctx),
+                seed=seed,
+                response_format={"type": "json_object", "schema": reply_schema(specs, forced)},
+            )
+        choice = result["choices"][0]
+        message = parse_reply(choice["message"].get("content") or "")
+        n_output = int(result.get("usage", {}).get("completion_tokens", 0))
+        message.usage_metadata = token_usage(n_prompt, n_output)
+        message.response_metadata = {
+            "model_name": self.model_name,
+            "finish_reason": choice.get("finish_reason"),
+            "seed": seed,
+        }
+        return message
+
     # -- one reply ----------------------------------------------------------------------------
 
     def _generate(
@@ -192,8 +252,12 @@ class ChatLocalModel(BlockingChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        # Streamed internally, so a cancelled or timed-out call stops between tokens.
+        tools = {k: kwargs.pop(k) for k in _TOOL_OPTIONS if k in kwargs}
         opts = self._options(stop, kwargs)
+        if tools.get("tools"):
+            reply = self._tool_reply(messages, opts, tools)
+            return ChatResult(generations=[ChatGeneration(message=reply)])
+        # Streamed internally, so a cancelled or timed-out call stops between tokens.
         total: AIMessageChunk | None = None
         with contextlib.closing(self._iter_chunks(messages, opts)) as chunks:
             for chunk in chunks:
@@ -255,6 +319,10 @@ class ChatLocalModel(BlockingChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):  # a constrained reply comes whole
+            message = self._generate(messages, stop, **kwargs).generations[0].message
+            yield _whole_chunk(message)
+            return
         opts = self._options(stop, kwargs)
         with contextlib.closing(self._iter_chunks(messages, opts)) as chunks:
             for chunk in chunks:
@@ -269,6 +337,10 @@ class ChatLocalModel(BlockingChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):
+            result = await asyncio.to_thread(self._generate, messages, stop, **kwargs)
+            yield _whole_chunk(result.generations[0].message)
+            return
         opts = self._options(stop, kwargs)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[ChatGenerationChunk | None, BaseException | None]] = (
@@ -351,3 +423,20 @@ class ChatLocalModel(BlockingChatModel):
             for (i, _), reply in zip(valid, replies, strict=True):
                 results[i] = reply
         return results
+
+
+def _whole_chunk(message: BaseMessage) -> ChatGenerationChunk:
+    """A whole reply (tool calls included) as one chunk."""
+    assert isinstance(message, AIMessage)
+    return ChatGenerationChunk(
+        message=AIMessageChunk(
+            content=message.content,
+            tool_call_chunks=[
+                {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+                for i, c in enumerate(message.tool_calls)
+            ],
+            usage_metadata=message.usage_metadata,
+            response_metadata=message.response_metadata,
+            chunk_position="last",
+        )
+    )

@@ -51,7 +51,13 @@ def run_example(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"quickstart.py", "teacher_pool.py", "existing_workflow.py", "tool_agent.py"}
+    tested = {
+        "quickstart.py",
+        "teacher_pool.py",
+        "existing_workflow.py",
+        "tool_agent.py",
+        "create_agent.py",
+    }
     found = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     assert found == tested | {"tracing.py"}
 
@@ -102,3 +108,10 @@ def test_tracing_sends_one_trace(
     assert {s.trace_id.hex() for s in spans} == {trace_id}
     names = [s.name for s in spans]
     assert names.count("chat fake-t") == 3 and "my-app-request" in names
+
+
+def test_create_agent_runs_the_fused_tool_call_once(run_example: Any) -> None:
+    out = run_example("create_agent.py", "-n", "3")
+    assert "last step: 3 candidates, fusion:" in out
+    assert "tool calls executed: ['multiply(12.5, 4.0)']" in out
+    assert "The result is 50.0." in out

@@ -1,0 +1,113 @@
+"""Tool calling for the embedded llama.cpp model, by grammar-constrained JSON.
+
+SmolLM2's chat template has no tool-call format, so :meth:`ChatLocalModel.bind_tools
+<fusion_graph.integrations.llama_cpp.ChatLocalModel.bind_tools>` describes the tools in a
+system message and constrains the reply with llama.cpp's JSON-schema grammar to either
+``{"tool": NAME, "arguments": {...}}`` (one call, arguments valid for that tool's schema)
+or ``{"answer": TEXT}``. Every reply therefore parses; whether the call is the *right* one
+is up to the model: SmolLM2-135M picks plausible tools but often wrong arguments (measured
+in tests/integration/test_agents_real.py and the README), so use a real model for agents.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+
+def tool_specs(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """OpenAI-format function specs of LangChain tools, functions, schemas or dicts."""
+    return [convert_to_openai_tool(t)["function"] for t in tools]
+
+
+def forced_tool(tool_choice: Any, specs: Sequence[dict[str, Any]]) -> str | bool:
+    """The tool the reply must call (a name), True for any tool, False for free choice."""
+    names = [s["name"] for s in specs]
+    if tool_choice in (None, "auto", "none", False):
+        return False
+    if tool_choice in ("any", "required", True):
+        return True
+    name = tool_choice
+    if isinstance(tool_choice, dict):
+        name = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
+    if name not in names:
+        msg = f"tool_choice={tool_choice!r} names no bound tool; the tools are {names}"
+        raise ValueError(msg)
+    return str(name)
+
+
+def reply_schema(specs: Sequence[dict[str, Any]], forced: str | bool) -> dict[str, Any]:
+    """The JSON schema of a reply: one tool call, or (unless a call is forced) an answer."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "tool": {"type": "string", "enum": [s["name"]]},
+                "arguments": s.get("parameters") or {"type": "object"},
+            },
+            "required": ["tool", "arguments"],
+        }
+        for s in specs
+        if forced in (True, False) or s["name"] == forced
+    ]
+    answer = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+    }
+    options = calls if forced else [*calls, answer]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def tools_prompt(specs: Sequence[dict[str, Any]], forced: str | bool) -> str:
+    """The system message that tells the model about its tools."""
+    lines = [
+        "You can call these tools. Reply with JSON only.",
+        'To call a tool: {"tool": "<name>", "arguments": {...}}.',
+    ]
+    if not forced:
+        lines.append('To answer without a tool (e.g. once you have its result): {"answer": "..."}')
+    for spec in specs:
+        params = json.dumps(spec.get("parameters", {}).get("properties", {}))
+        lines.append(f"- {spec['name']}: {spec.get('description', '')} arguments: {params}")
+    return "\n".join(lines)
+
+
+def as_plain_messages(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """Tool calls and tool results as text, for a chat template without tool roles."""
+    plain: list[BaseMessage] = []
+    for message in messages:
+        if isinstance(message, AIMessage) and message.tool_calls:
+            call = message.tool_calls[0]
+            text = json.dumps({"tool": call["name"], "arguments": call["args"]})
+            plain.append(AIMessage(content=text))
+        elif isinstance(message, ToolMessage):
+            plain.append(HumanMessage(content=f"Result of {message.name}: {message.text}"))
+        else:
+            plain.append(message)
+    return plain
+
+
+def parse_reply(text: str) -> AIMessage:
+    """The AIMessage of a constrained reply (a tool call, or the answer as text)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:  # cut short by max_tokens: keep the text
+        return AIMessage(content=text)
+    if isinstance(data, dict) and isinstance(data.get("tool"), str):
+        args = data.get("arguments")
+        call = {
+            "name": data["tool"],
+            "args": args if isinstance(args, dict) else {},
+            "id": f"call_{uuid.uuid4().hex[:12]}",
+            "type": "tool_call",
+        }
+        return AIMessage(content="", tool_calls=[call])
+    if isinstance(data, dict) and "answer" in data:
+        return AIMessage(content=str(data["answer"]))
+    return AIMessage(content=text)
