@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
 
@@ -50,12 +50,9 @@ from fusion_graph.integrations.llama_cpp_sampling import (
     room,
 )
 from fusion_graph.integrations.llama_cpp_tools import (
-    as_plain_messages,
     forced_tool,
-    parse_reply,
-    reply_schema,
+    tool_reply,
     tool_specs,
-    tools_prompt,
 )
 from fusion_graph.integrations.usage import token_usage
 from fusion_graph.runtime import CallStopped, stop_requested
@@ -206,43 +203,6 @@ class ChatLocalModel(BlockingChatModel):
         forced_tool(tool_choice, specs)  # checked now, not at the first call
         return self.bind(tools=specs, tool_choice=tool_choice, **kwargs)
 
-    def _tool_reply(
-        self, messages: list[BaseMessage], opts: SamplingOptions, tools: dict[str, Any]
-    ) -> AIMessage:
-        specs = tools["tools"]
-        forced = forced_tool(tools.get("tool_choice"), specs)
-        plain = as_plain_messages(messages)
-        intro = tools_prompt(specs, forced)
-        if plain and isinstance(plain[0], SystemMessage):
-            plain = [SystemMessage(content=f"{plain[0].text}\n\n{intro}"), *plain[1:]]
-        else:
-            plain = [SystemMessage(content=intro), *plain]
-        chat = to_chat(plain, reader="the local model")
-        entry = self._loaded()
-        seed = opts.seed if opts.seed is not None else fresh_seed()
-        with entry.lock:
-            n_prompt = len(entry.prompt_tokens(chat))
-            result = entry.llama.create_chat_completion(
-                messages=chat,
-                temperature=opts.temperature,
-                top_p=opts.top_p,
-                top_k=TOP_K,
-                min_p=MIN_P,
-                max_tokens=room(n_prompt, opts.max_tokens, entry.n_ctx),
-                seed=seed,
-                response_format={"type": "json_object", "schema": reply_schema(specs, forced)},
-            )
-        choice = result["choices"][0]
-        message = parse_reply(choice["message"].get("content") or "")
-        n_output = int(result.get("usage", {}).get("completion_tokens", 0))
-        message.usage_metadata = token_usage(n_prompt, n_output)
-        message.response_metadata = {
-            "model_name": self.model_name,
-            "finish_reason": choice.get("finish_reason"),
-            "seed": seed,
-        }
-        return message
-
     # -- one reply ----------------------------------------------------------------------------
 
     def _generate(
@@ -255,7 +215,7 @@ class ChatLocalModel(BlockingChatModel):
         tools = {k: kwargs.pop(k) for k in _TOOL_OPTIONS if k in kwargs}
         opts = self._options(stop, kwargs)
         if tools.get("tools"):
-            reply = self._tool_reply(messages, opts, tools)
+            reply = tool_reply(self._loaded(), messages, opts, tools, model_name=self.model_name)
             return ChatResult(generations=[ChatGeneration(message=reply)])
         # Streamed internally, so a cancelled or timed-out call stops between tokens.
         total: AIMessageChunk | None = None

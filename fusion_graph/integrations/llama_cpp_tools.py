@@ -16,8 +16,25 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from fusion_graph.integrations.chat_template import to_chat
+from fusion_graph.integrations.llama_cpp_loader import LoadedModel
+from fusion_graph.integrations.llama_cpp_sampling import (
+    MIN_P,
+    TOP_K,
+    SamplingOptions,
+    fresh_seed,
+    room,
+)
+from fusion_graph.integrations.usage import token_usage
 
 
 def tool_specs(tools: Sequence[Any]) -> list[dict[str, Any]]:
@@ -111,3 +128,47 @@ def parse_reply(text: str) -> AIMessage:
     if isinstance(data, dict) and "answer" in data:
         return AIMessage(content=str(data["answer"]))
     return AIMessage(content=text)
+
+
+def tool_reply(
+    entry: LoadedModel,
+    messages: list[BaseMessage],
+    opts: SamplingOptions,
+    tools: dict[str, Any],
+    *,
+    model_name: str,
+) -> AIMessage:
+    """One reply of the loaded model to ``messages`` with ``tools`` bound: a grammar keeps it
+    to one valid tool call or a text answer."""
+    specs = tools["tools"]
+    forced = forced_tool(tools.get("tool_choice"), specs)
+    plain = as_plain_messages(messages)
+    intro = tools_prompt(specs, forced)
+    if plain and isinstance(plain[0], SystemMessage):
+        plain = [SystemMessage(content=f"{plain[0].text}\n\n{intro}"), *plain[1:]]
+    else:
+        plain = [SystemMessage(content=intro), *plain]
+    chat = to_chat(plain, reader="the local model")
+    seed = opts.seed if opts.seed is not None else fresh_seed()
+    with entry.lock:
+        n_prompt = len(entry.prompt_tokens(chat))
+        result = entry.llama.create_chat_completion(
+            messages=chat,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=TOP_K,
+            min_p=MIN_P,
+            max_tokens=room(n_prompt, opts.max_tokens, entry.n_ctx),
+            seed=seed,
+            response_format={"type": "json_object", "schema": reply_schema(specs, forced)},
+        )
+    choice = result["choices"][0]
+    message = parse_reply(choice["message"].get("content") or "")
+    n_output = int(result.get("usage", {}).get("completion_tokens", 0))
+    message.usage_metadata = token_usage(n_prompt, n_output)
+    message.response_metadata = {
+        "model_name": model_name,
+        "finish_reason": choice.get("finish_reason"),
+        "seed": seed,
+    }
+    return message

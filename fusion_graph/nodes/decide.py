@@ -20,13 +20,14 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph.errors import GraphBubbleUp
 
 from fusion_graph import events
 from fusion_graph.errors import DecisionError
 from fusion_graph.events import EventSink
 from fusion_graph.hooks import current_hooks
 from fusion_graph.messages import to_messages
-from fusion_graph.runtime import Caller, role_config, run_sync
+from fusion_graph.runtime import CallAborted, Caller, role_config, run_sync
 from fusion_graph.types import Candidate, Decision, Strategy, TokenUsage
 
 logger = logging.getLogger("fusion_graph")
@@ -210,6 +211,8 @@ class Decider(ABC):
             start = time.perf_counter()
             try:
                 message, decision = await self.attempt(context, on_token=on_token)
+            except (GraphBubbleUp, CallAborted):
+                raise  # LangGraph control flow or Ctrl-C: not a failure of the decision
             except Exception as exc:
                 message, decision = await self._fall_back(context, exc)
             decision = decision.model_copy(update={"latency_s": time.perf_counter() - start})

@@ -118,10 +118,19 @@ class FanOut:
         sink = emit or events.event_sink()
         run = _Run(self, source, conversation, config, caller, sink, self.seeds())
         groups, single = self.groups()
-        tasks: list[Awaitable[Generated | list[Generated]]] = [run.one(i) for i in single]
-        tasks += [run.group(self.generators[slot], indices) for slot, indices in groups.items()]
+        work: list[Awaitable[Generated | list[Generated]]] = [run.one(i) for i in single]
+        work += [run.group(self.generators[slot], indices) for slot, indices in groups.items()]
+        tasks = [asyncio.ensure_future(w) for w in work]
+        try:
+            done = await asyncio.gather(*tasks)
+        except BaseException:
+            # Only control flow gets here (an interrupt(), a Command for the parent graph,
+            # Ctrl-C, a cancelled run): failures are data. Stop the siblings too.
+            for task in tasks:
+                task.cancel()
+            raise
         results: list[Generated] = []
-        for item in await asyncio.gather(*tasks):
+        for item in done:
             results.extend(item if isinstance(item, list) else [item])
         return sorted(results, key=lambda g: g.candidate.index)
 

@@ -251,3 +251,30 @@ def test_a_timed_out_blocking_call_is_told_to_stop(mode: Mode) -> None:
     with pytest.raises(ExceptionGroup):  # both candidates timed out
         mode.invoke(fused, "q")
     assert seen.wait(timeout=10)  # and the blocking call heard it and stopped
+
+
+def test_control_flow_in_one_candidate_cancels_its_siblings() -> None:
+    import asyncio
+
+    from langgraph.errors import GraphInterrupt
+
+    rec = CallRecorder()
+    asks = FakeChatModel(replies=[GraphInterrupt(())], model_name="asks")
+    slow = FakeChatModel(replies=["slow"], recorder=rec, delay=30.0, model_name="slow")
+    fused = fusion_of_n([asks, slow], n=4, fusor=FakeChatModel())
+
+    async def run() -> None:
+        with pytest.raises(GraphInterrupt):
+            await fused.ainvoke("q")
+        await asyncio.sleep(0)  # let the cancelled siblings unwind
+        assert rec.in_flight == 0  # nobody is still waiting out its 30 s
+
+    asyncio.run(asyncio.wait_for(run(), timeout=20))
+
+
+def test_control_flow_in_the_fusor_is_not_a_fallback(mode: Mode) -> None:
+    from langgraph.errors import GraphInterrupt
+
+    fusor = FakeChatModel(replies=[GraphInterrupt(())])
+    with pytest.raises(GraphInterrupt):
+        mode.invoke(fusion_of_n(FakeChatModel(replies=["a", "b"]), n=2, fusor=fusor), "q")
