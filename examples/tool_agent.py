@@ -3,11 +3,11 @@ model calls -> one fused AIMessage (text and/or tool calls) -> the tools run onc
 fused calls only (LangGraph's ToolNode), never N times.
 
     python examples/tool_agent.py --base-url http://127.0.0.1:8000/v1 --model NAME
-    python examples/tool_agent.py      # embedded model: it cannot call tools, so it answers in text
+    python examples/tool_agent.py      # embedded model: JSON-grammar tool calls, demo grade
 
-To wrap a whole agent instead (fuse its final answers), pass the compiled agent as the step:
-``fusion_of_n(agent, n=3, fusor=llm)``. Each of the N agents then runs its own tools, so
-tool side effects happen N times: only do that with tools that are safe to repeat.
+Wrapping a whole compiled agent (``fusion_of_n(agent, ...)``) is refused: each candidate
+would run its own tools, so their side effects would happen N times. Wrap the model step
+as here, or use ``FusionMiddleware`` with ``create_agent`` (examples/create_agent.py).
 """
 
 from __future__ import annotations
