@@ -32,7 +32,7 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, ensure_config
 from pydantic import ConfigDict, Field, SkipValidation
 
 from fusion_graph.messages import message_text
@@ -140,7 +140,9 @@ class FakeChatModel(BaseChatModel):
     def _call(
         self, messages: list[BaseMessage], run_manager: Any, kwargs: dict[str, Any]
     ) -> FakeCall:
-        metadata = getattr(run_manager, "metadata", None) or {}
+        # The call's metadata; from the context config when langchain-core streams without a
+        # run manager (an agent in stream_mode="messages").
+        metadata = getattr(run_manager, "metadata", None) or ensure_config().get("metadata", {})
         return FakeCall(
             messages=list(messages),
             role=metadata.get(ROLE_KEY),

@@ -12,9 +12,8 @@ from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain.agents import create_agent
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import ensure_config
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.errors import GraphInterrupt
@@ -28,21 +27,6 @@ from fusion_graph import Candidate, Decision, MajorityVote, best_of_n, fusion_of
 from fusion_graph.middleware import BestOfNMiddleware, FusionMiddleware
 from fusion_graph.runtime import INDEX_KEY, ROLE_KEY
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, tool_call
-
-
-class IndexedFake(FakeChatModel):
-    """FakeChatModel that also reads role and index from the context config: when an agent
-    streams in "messages" mode, langchain-core calls ``_stream`` without a run manager."""
-
-    def _call(self, messages: list[BaseMessage], run_manager: Any, kwargs: dict[str, Any]) -> Any:
-        call = super()._call(messages, run_manager, kwargs)
-        if call.role is None:
-            metadata = ensure_config().get("metadata", {})
-            call = FakeCall(
-                call.messages, metadata.get(ROLE_KEY), metadata.get(INDEX_KEY), call.kwargs
-            )
-        return call
-
 
 RAN: list[tuple[float, float]] = []
 
@@ -84,7 +68,7 @@ def thread(name: str) -> RunnableConfig:
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_fusion_middleware_runs_the_fused_tool_call_once(mode: str) -> None:
     rec = CallRecorder()
-    model = IndexedFake(replies=agent_reply, recorder=rec)
+    model = FakeChatModel(replies=agent_reply, recorder=rec)
     agent = create_agent(
         model, [multiply, add], middleware=[FusionMiddleware(n=3)], checkpointer=InMemorySaver()
     )
@@ -120,7 +104,7 @@ def test_best_of_n_middleware_returns_the_winner_untouched(mode: str) -> None:
 
     rec = CallRecorder()
     agent = create_agent(
-        IndexedFake(replies=reply, recorder=rec),
+        FakeChatModel(replies=reply, recorder=rec),
         [multiply],
         middleware=[BestOfNMiddleware(n=3, selector=MajorityVote())],
     )
@@ -134,7 +118,7 @@ def test_best_of_n_middleware_returns_the_winner_untouched(mode: str) -> None:
 
 def test_only_the_final_answer_streams_in_messages_mode() -> None:
     agent = create_agent(
-        IndexedFake(replies=agent_reply), [multiply], middleware=[FusionMiddleware(n=3)]
+        FakeChatModel(replies=agent_reply), [multiply], middleware=[FusionMiddleware(n=3)]
     )
     streamed: list[tuple[Any, dict[str, Any]]] = []
     custom: list[Any] = []
@@ -154,7 +138,7 @@ def test_only_the_final_answer_streams_in_messages_mode() -> None:
 
 async def test_middleware_streams_async() -> None:
     agent = create_agent(
-        IndexedFake(replies=agent_reply), [multiply], middleware=[FusionMiddleware(n=2)]
+        FakeChatModel(replies=agent_reply), [multiply], middleware=[FusionMiddleware(n=2)]
     )
     roles = [
         meta.get(ROLE_KEY)
@@ -169,9 +153,9 @@ async def test_middleware_streams_async() -> None:
 
 def test_middleware_with_a_separate_fusor_and_temperature() -> None:
     rec = CallRecorder()
-    fusor = IndexedFake(replies=agent_reply, recorder=rec, model_name="fusor-model")
+    fusor = FakeChatModel(replies=agent_reply, recorder=rec, model_name="fusor-model")
     agent = create_agent(
-        IndexedFake(replies=agent_reply, recorder=rec),
+        FakeChatModel(replies=agent_reply, recorder=rec),
         [multiply],
         middleware=[FusionMiddleware(n=2, fusor=fusor, temperature=0.3, seed=10)],
     )
@@ -192,7 +176,7 @@ def test_middleware_structured_response() -> None:
         return AIMessage("", tool_calls=[tool_call("Answer", {"value": value})])
 
     agent = create_agent(
-        IndexedFake(replies=reply), [], response_format=Answer, middleware=[FusionMiddleware(n=2)]
+        FakeChatModel(replies=reply), [], response_format=Answer, middleware=[FusionMiddleware(n=2)]
     )
     out = agent.invoke({"messages": [("user", "3 times 4?")]})
     assert out["structured_response"] == Answer(value=12.0)
@@ -202,7 +186,7 @@ def test_call_limit_counts_a_fused_step_once() -> None:
     from langchain.agents.middleware import ModelCallLimitMiddleware
 
     agent = create_agent(
-        IndexedFake(replies=agent_reply),
+        FakeChatModel(replies=agent_reply),
         [multiply],
         middleware=[ModelCallLimitMiddleware(run_limit=2), FusionMiddleware(n=4)],
     )
@@ -216,7 +200,7 @@ def test_call_limit_counts_a_fused_step_once() -> None:
 @pytest.mark.filterwarnings("ignore:create_react_agent has been moved")
 def test_create_react_agent_with_a_wrapped_model() -> None:
     rec = CallRecorder()
-    model = IndexedFake(replies=agent_reply, recorder=rec)
+    model = FakeChatModel(replies=agent_reply, recorder=rec)
     agent = create_react_agent(fusion_of_n(model, n=4, fusor=model), [multiply])
     out = agent.invoke({"messages": [("user", "3 times 4?")]})
     assert RAN == [(3.0, 4.0)]
@@ -226,7 +210,7 @@ def test_create_react_agent_with_a_wrapped_model() -> None:
 
 
 def test_create_agent_with_a_wrapped_model() -> None:
-    model = IndexedFake(replies=agent_reply)
+    model = FakeChatModel(replies=agent_reply)
     agent = create_agent(best_of_n(model, n=3, selector=MajorityVote()), [multiply])
     out = agent.invoke({"messages": [("user", "3 times 4?")]})
     assert len(RAN) == 1
