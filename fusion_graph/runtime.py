@@ -71,7 +71,17 @@ class _Portal:
 _PORTAL = _Portal()
 
 
-_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+class _StopFlag:
+    """Set when the attempt it belongs to was cancelled or timed out (one bool: cheaper
+    than an Event per call, and reading it needs no lock)."""
+
+    __slots__ = ("requested",)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+_STOP: contextvars.ContextVar[_StopFlag | None] = contextvars.ContextVar(
     "fusion_graph_call_stop", default=None
 )
 
@@ -86,8 +96,8 @@ def stop_requested() -> bool:
     with :class:`CallStopped`, so a timeout or Ctrl-C frees the model within a token instead
     of after the whole generation. HTTP calls on a worker thread cannot be stopped this way:
     their result is discarded when they end."""
-    event = _STOP.get()
-    return event is not None and event.is_set()
+    flag = _STOP.get()
+    return flag is not None and flag.requested
 
 
 class CallAborted(Exception):
@@ -280,7 +290,7 @@ class Caller:
         use_async = async_fn is not None and (not self.sync or sync_fn is None)
         # Set if this attempt is cancelled or times out; the call sees it (and so do the
         # threads it starts, which copy the context), see stop_requested().
-        stop = threading.Event()
+        stop = _StopFlag()
         token = _STOP.set(stop)
         try:
             if use_async:
@@ -300,7 +310,7 @@ class Caller:
                 msg = f"call did not finish within {self.timeout:g} s"
                 raise TimeoutError(msg) from None
         except BaseException:
-            stop.set()  # a blocking backend still working on it stops between tokens
+            stop.requested = True  # a blocking backend still working on it stops at once
             raise
         finally:
             _STOP.reset(token)

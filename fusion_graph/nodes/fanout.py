@@ -147,12 +147,12 @@ class _Run:
     emit: EventSink
     seeds: list[int]
 
-    def _info(self, index: int, name: str) -> CallInfo:
-        generator = self.fan_out.generator(index)
+    def _info(self, index: int, generator: Generator) -> CallInfo:
         temperature = self.fan_out.temperature
         if temperature is None or not generator.takes_temperature:
             temperature = generator.model_temperature
-        return CallInfo(index=index, model=name, seed=self.seeds[index], temperature=temperature)
+        seed = self.seeds[index]
+        return CallInfo(index=index, model=generator.name, seed=seed, temperature=temperature)
 
     async def one(self, index: int) -> Generated:
         generator = self.fan_out.generator(index)
@@ -161,7 +161,7 @@ class _Run:
         child = role_config(
             self.config, role="generator", run_name=f"candidate[{index}]", index=index
         )
-        with current_hooks().candidate(self._info(index, generator.name)) as done:
+        with current_hooks().candidate(self._info(index, generator)) as done:
             result = await generator.make(
                 self.source, child, self.caller, seed=seed, temperature=self.fan_out.temperature
             )
@@ -179,7 +179,7 @@ class _Run:
             done = []
             for index in indices:
                 self.emit(events.candidate_started(index, generator.name))
-                info = self._info(index, generator.name)
+                info = self._info(index, generator)
                 done.append(stack.enter_context(current_hooks().candidate(info)))
             # The call sees the group's config through the context (callbacks, tags,
             # metadata), as a node does: sample_n takes no config argument.
