@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
 
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -27,6 +29,7 @@ from langgraph.errors import GraphBubbleUp
 from langgraph.types import RetryPolicy
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
     stop_after_attempt,
     wait_exponential,
@@ -185,6 +188,28 @@ def _retry_predicate(policy: RetryPolicy) -> Callable[[BaseException], bool]:
     return predicate
 
 
+def retry_after_s(error: BaseException | None) -> float | None:
+    """How long the server asked to wait before a retry, in seconds: the ``retry-after-ms``
+    or ``Retry-After`` (seconds or an HTTP date) header of the error's HTTP response
+    (``openai.APIStatusError``, ``httpx.HTTPStatusError``, ...); None when it says nothing."""
+    headers = getattr(getattr(error, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = parsedate_to_datetime(value)
+            return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class CallResult(Generic[T]):
     """The outcome of one call with its retries: a value or the last error."""
@@ -270,14 +295,28 @@ class Caller:
         policy = self.retry
         assert policy is not None
         jitter = wait_random(0, policy.initial_interval) if policy.jitter else wait_none()
-        return AsyncRetrying(
-            stop=stop_after_attempt(policy.max_attempts),
-            wait=wait_exponential(
+        backoff = (
+            wait_exponential(
                 multiplier=policy.initial_interval,
                 exp_base=policy.backoff_factor,
                 max=policy.max_interval,
             )
-            + jitter,
+            + jitter
+        )
+
+        def wait(state: RetryCallState) -> float:
+            # A server that said when to come back (429/503 Retry-After) is not retried sooner.
+            delay = float(backoff(state))
+            outcome = state.outcome
+            error = outcome.exception() if outcome is not None and outcome.failed else None
+            asked = retry_after_s(error)
+            if asked is None:
+                return delay
+            return max(delay, min(asked, policy.max_interval))
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(policy.max_attempts),
+            wait=wait,
             retry=retry_if_exception(_retry_predicate(policy)),
             reraise=True,
         )

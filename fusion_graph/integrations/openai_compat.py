@@ -12,10 +12,34 @@ Fan-out
 Concurrency
     Every request to one endpoint (base URL) from this process, sync or async, from any number
     of model objects, holds one slot of that endpoint's
-    :class:`~fusion_graph.integrations.endpoint_limits.EndpointLimiter` while it runs, so a
-    fan-out of 64 candidates against a small server keeps at most ``max_concurrency`` requests
-    in flight. When several models name different limits for one endpoint, the smallest wins.
-    ``EndpointLimiter`` and ``endpoint_limiter`` are re-exported here.
+    :class:`~fusion_graph.integrations.endpoint_limits.EndpointLimiter` while it runs (not
+    while it waits for one), so a fan-out of 64 candidates keeps at most the endpoint's limit
+    of requests in flight. The default limit is 64 for a server on loopback (``localhost``,
+    ``127.0.0.0/8``, ``::1``: vLLM, llama.cpp's server, Ollama batch or queue what they
+    receive, and a lower cap only slows a fan-out against a server that ignores ``n``: at 8,
+    N=64 took 4.4x as long as uncapped) and 16 for any other host (hosted APIs are shared
+    and rate-limited). Tune it per endpoint with ``max_concurrency=`` (of
+    :func:`openai_compatible` or the model) or the ``concurrency=`` option of a model spec
+    (``openai:URL:MODEL:concurrency=32``; the batch jobs' ``--endpoint-concurrency``): a
+    named limit replaces the default, up or down, and when several models name different
+    limits for one endpoint the smallest wins. A model that names none leaves the endpoint's
+    limit as it is. ``EndpointLimiter`` and ``endpoint_limiter`` are re-exported here.
+
+Timing
+    Each reply of a request that is not streamed holds in its ``response_metadata``
+    ``queue_s`` (the time the request waited for a slot of the endpoint) and ``latency_s``
+    (the request's own time, slot held). fusion-graph takes a multi-sample call's candidate
+    latencies from ``latency_s``, so they leave out the time queued behind the others.
+
+Event loops
+    langchain-openai's async HTTP client is shared by every event loop, and a pooled
+    connection of a loop that has closed breaks the next one; so each event loop gets its
+    own copy of the model, with its own client (unless you pass ``http_async_client``, which
+    is then yours to manage). That copy's client is closed when its event loop shuts down
+    (``asyncio.run`` and ``asyncio.Runner`` do that before closing the loop); a copy whose
+    model is gone is closed when the next copy is made on its loop, and the copies of a loop
+    closed without that shutdown are dropped when the next copy is made on any loop. So
+    repeated ``asyncio.run`` calls keep no loops, clients or connections alive.
 
 Example:
     >>> from fusion_graph import fusion_of_n
@@ -29,11 +53,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import contextlib
 import os
 import threading
+import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -51,6 +77,7 @@ from fusion_graph.integrations.endpoint_limits import (
     endpoint_key,
     endpoint_limiter,
     forget_limiter,
+    is_loopback,
 )
 from fusion_graph.integrations.openai_fanout import ChatOpenAIFanOut, forget_ignores_n
 
@@ -63,17 +90,95 @@ __all__ = [
 ]
 
 _OPENAI_HOST = "api.openai.com"
+_is_loopback = is_loopback  # the name it had when it lived here
 
 
 # ---------------------------------------------------------------------------------------------
 # What this process keeps per endpoint and per event loop
 # ---------------------------------------------------------------------------------------------
 
-# _REGISTRY_LOCK guards _LOOP_TWINS (each event loop's copies of the models, see _for_this_loop).
+
+@dataclass(eq=False)
+class _LoopTwins:
+    """One event loop's copies of the models (see :meth:`ChatOpenAICompatible._for_this_loop`)
+    and the async generator that closes them when the loop shuts down."""
+
+    twins: dict[int, tuple[weakref.ref[ChatOpenAICompatible], ChatOpenAICompatible]] = field(
+        default_factory=dict
+    )
+    """``id(model)`` -> (the model, weakly; its copy)."""
+    watcher: AsyncGenerator[None, None] | None = None
+    dropped: bool = False
+    """Set when the loop closed without shutting its async generators down."""
+
+
+# _REGISTRY_LOCK guards _LOOP_TWINS. An entry holds its loop alive (through its clients'
+# connections and its watcher), so entries are removed explicitly: when the loop shuts down,
+# or, for a loop closed without that, at the next copy made on any loop.
 _REGISTRY_LOCK = threading.Lock()
-_LOOP_TWINS: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[int, tuple[ChatOpenAICompatible, ChatOpenAICompatible]]
-] = weakref.WeakKeyDictionary()
+_LOOP_TWINS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTwins] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _watch(entry: _LoopTwins) -> AsyncGenerator[None, None]:
+    """Waits, as an async generator of its event loop, for the loop to shut its async
+    generators down (``loop.shutdown_asyncgens``), then closes the loop's copies."""
+    try:
+        yield
+    finally:
+        if not entry.dropped:
+            await _close_loop_twins(asyncio.get_running_loop(), entry)
+
+
+async def _close_loop_twins(loop: asyncio.AbstractEventLoop, entry: _LoopTwins) -> None:
+    with _REGISTRY_LOCK:
+        if _LOOP_TWINS.get(loop) is entry:
+            del _LOOP_TWINS[loop]
+        twins = [twin for _, twin in entry.twins.values()]
+        entry.twins.clear()
+    for twin in twins:
+        await _close_twin(twin)
+
+
+async def _close_twin(twin: ChatOpenAICompatible) -> None:
+    if twin.root_async_client is not None:
+        with contextlib.suppress(Exception):  # closing is best effort
+            await twin.root_async_client.close()
+
+
+def _drop(entry: _LoopTwins) -> None:
+    """Forget the copies of a loop that is already closed (their sockets close when they
+    are collected) and finish its watcher without running anything on the loop."""
+    entry.dropped = True
+    entry.twins.clear()
+    watcher, entry.watcher = entry.watcher, None
+    if watcher is None:
+        return
+    closing = watcher.aclose()  # _watch awaits nothing once dropped: one step finishes it
+    with contextlib.suppress(StopIteration):
+        closing.send(None)
+
+
+def _register_twin(
+    loop: asyncio.AbstractEventLoop, model: ChatOpenAICompatible, twin: ChatOpenAICompatible
+) -> tuple[list[ChatOpenAICompatible], AsyncGenerator[None, None] | None]:
+    """Record ``twin`` as ``model``'s copy for ``loop``. Returns the copies of this loop whose
+    models are gone (to close now) and the loop's watcher when it is new (to start)."""
+    with _REGISTRY_LOCK:
+        closed = [_LOOP_TWINS.pop(other) for other in list(_LOOP_TWINS) if other.is_closed()]
+        entry = _LOOP_TWINS.get(loop)
+        if entry is None:
+            entry = _LOOP_TWINS[loop] = _LoopTwins()
+        gone = [key for key, (ref, _) in entry.twins.items() if ref() is None]
+        stale = [entry.twins.pop(key)[1] for key in gone]
+        entry.twins[id(model)] = (weakref.ref(model), twin)
+        watcher = None
+        if entry.watcher is None:
+            watcher = entry.watcher = _watch(entry)
+    for old in closed:
+        _drop(old)
+    return stale, watcher
 
 
 def forget_endpoint(base_url: str | None) -> None:
@@ -101,9 +206,11 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         >>> replies = llm.sample_n("Name a colour.", seeds=[1, 2, 3])  # doctest: +SKIP
     """
 
-    max_concurrency: int = Field(default=DEFAULT_MAX_CONCURRENCY, ge=1)
-    """Requests in flight to this endpoint, from the whole process (the smallest limit any
-    model names for one base URL wins)."""
+    max_concurrency: int | None = Field(default=None, ge=1)
+    """Requests in flight to this endpoint, from the whole process. None leaves the
+    endpoint's limit as it is (64 on loopback, 16 elsewhere, unless someone named one); a
+    number replaces that default, and the smallest limit any model names for one base URL
+    wins."""
     max_tokens_key: Literal["max_tokens", "max_completion_tokens"] | None = None
     """The request field carrying ``max_tokens``. None: ``max_completion_tokens`` for
     api.openai.com, ``max_tokens`` elsewhere (what vLLM, llama.cpp and most servers read)."""
@@ -142,8 +249,11 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        queued = time.perf_counter()
         with self.limiter.slot():
-            return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+            start = time.perf_counter()
+            result = super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+            return _timed(result, start - queued, time.perf_counter() - start)
 
     async def _agenerate(
         self,
@@ -152,11 +262,14 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        twin = self._for_this_loop()
+        twin = await self._for_this_loop()
+        queued = time.perf_counter()
         async with self.limiter.aslot():
-            return await super(ChatOpenAICompatible, twin)._agenerate(
+            start = time.perf_counter()
+            result = await super(ChatOpenAICompatible, twin)._agenerate(
                 messages, stop=stop, run_manager=run_manager, **kwargs
             )
+            return _timed(result, start - queued, time.perf_counter() - start)
 
     def _stream(
         self,
@@ -175,20 +288,22 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        twin = self._for_this_loop()
+        twin = await self._for_this_loop()
         async with self.limiter.aslot():
             async for chunk in super(ChatOpenAICompatible, twin)._astream(
                 messages, stop=stop, run_manager=run_manager, **kwargs
             ):
                 yield chunk
 
-    def _for_this_loop(self) -> ChatOpenAICompatible:
+    async def _for_this_loop(self) -> ChatOpenAICompatible:
         """This model with an async HTTP client of the running event loop's own.
 
         langchain-openai shares one async HTTP connection pool per base URL across event
         loops, so the second ``asyncio.run`` that reuses a pooled connection fails with "Event
-        loop is closed". Each event loop gets its own client here (unless you passed
-        ``http_async_client``, which is then yours to manage).
+        loop is closed". Each event loop gets its own copy of the model here, with its own
+        client (unless you passed ``http_async_client``, which is then yours to manage). The
+        copy is made once per loop and model, and its client is closed when the loop shuts
+        down (see the module docs).
         """
         if self.http_async_client is not None or self.root_async_client is None:
             return self
@@ -196,26 +311,34 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
 
         loop = asyncio.get_running_loop()
         with _REGISTRY_LOCK:
-            twins = _LOOP_TWINS.setdefault(loop, {})
-            found = twins.get(id(self))
-            if found is not None and found[0] is self:
-                return found[1]
-            root = self.root_async_client.copy(http_client=openai.DefaultAsyncHttpxClient())
-            twin = self.model_copy(
-                update={"root_async_client": root, "async_client": root.chat.completions}
-            )
-            twins[id(self)] = (self, twin)  # holding self keeps its id unique
-            return twin
+            entry = _LOOP_TWINS.get(loop)
+            found = entry.twins.get(id(self)) if entry is not None else None
+        if found is not None and found[0]() is self:
+            return found[1]
+        root = self.root_async_client.copy(http_client=openai.DefaultAsyncHttpxClient())
+        twin = self.model_copy(
+            update={"root_async_client": root, "async_client": root.chat.completions}
+        )
+        stale, watcher = _register_twin(loop, self, twin)
+        if watcher is not None:
+            # Started here, it is one of this loop's async generators: the loop closes it
+            # when it shuts down (asyncio.run does), and it then closes the loop's copies.
+            await watcher.__anext__()
+        for old in stale:
+            await _close_twin(old)
+        return twin
 
 
-def _is_loopback(base_url: str) -> bool:
-    host = urlsplit(base_url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name other than localhost
-        return False
+def _timed(result: ChatResult, queue_s: float, latency_s: float) -> ChatResult:
+    """Record in each reply's metadata how long its request queued for a slot and ran."""
+    for generation in result.generations:
+        message = generation.message
+        message.response_metadata = {
+            **message.response_metadata,
+            "queue_s": queue_s,
+            "latency_s": latency_s,
+        }
+    return result
 
 
 def openai_compatible(
@@ -223,7 +346,7 @@ def openai_compatible(
     model: str,
     *,
     api_key_env: str = "OPENAI_API_KEY",
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: int | None = None,
     supports_n: bool | None = None,
     supports_seed: bool = True,
     **kwargs: Any,
@@ -232,7 +355,9 @@ def openai_compatible(
 
     The API key is read from the environment variable ``api_key_env``. A server on loopback
     needs none (a placeholder is sent); any other server without the variable set is an error.
-    ``kwargs`` go to :class:`ChatOpenAICompatible` / ``ChatOpenAI`` (``temperature``,
+    ``max_concurrency`` bounds the requests in flight to ``base_url`` from the whole process;
+    None keeps the endpoint's limit (by default 64 on loopback, 16 elsewhere: see the module
+    docs). ``kwargs`` go to :class:`ChatOpenAICompatible` / ``ChatOpenAI`` (``temperature``,
     ``max_tokens``, ``timeout``, ``max_retries``, ...).
 
     Example:

@@ -101,7 +101,9 @@ class ChatOpenAIFanOut(ChatOpenAI):
 
         Each reply's ``response_metadata`` holds ``seed`` (the seed of the request that made
         it), ``request_n`` (the ``n`` of that request), ``choice_index``, ``latency_s`` (that
-        request's) and ``usage_split`` (True when its usage is a share of the request's).
+        request's own time), ``queue_s`` (the time it waited for a slot of the endpoint, when
+        the model bounds them; else 0) and ``usage_split`` (True when its usage is a share of
+        the request's).
         """
         messages_ = self._convert_input(messages).to_messages()
         k = len(seeds)
@@ -212,6 +214,7 @@ class ChatOpenAIFanOut(ChatOpenAI):
             content = logprobs.get("content") if isinstance(logprobs, dict) else None
             exact.append(len(content) if isinstance(content, list) else None)
         usage = messages[0].usage_metadata if messages else None
+        timing = _timing(messages[0] if messages else None, latency_s)
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         shares = split_usage(usage, messages, finish, max_tokens, exact)
         replies: list[AIMessage | Exception] = []
@@ -223,7 +226,7 @@ class ChatOpenAIFanOut(ChatOpenAI):
                 "seed": seeds[0],
                 "request_n": k,
                 "choice_index": index,
-                "latency_s": latency_s,
+                **timing,
                 "usage_split": share is not None,
             }
             replies.append(
@@ -275,10 +278,22 @@ class ChatOpenAIFanOut(ChatOpenAI):
             "seed": seed,
             "request_n": 1,
             "choice_index": 0,
-            "latency_s": latency_s,
+            **_timing(message, latency_s),
             "usage_split": False,
         }
         return message.model_copy(update={"response_metadata": metadata})
+
+
+def _timing(message: AIMessage | None, measured_s: float) -> dict[str, float]:
+    """``latency_s`` and ``queue_s`` of a reply: what the model recorded (the request's own
+    time, and its wait for a slot), else the time measured around the call, with no wait."""
+    meta = message.response_metadata if message is not None else {}
+    queue = meta.get("queue_s")
+    latency = meta.get("latency_s")
+    return {
+        "latency_s": float(latency) if isinstance(latency, int | float) else measured_s,
+        "queue_s": float(queue) if isinstance(queue, int | float) else 0.0,
+    }
 
 
 def _run_options() -> dict[str, Any]:
@@ -301,9 +316,40 @@ def _in_context(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-_N_WORD = re.compile(r"(?<![\w-])['\"`]?n['\"`]?(?![\w-])")
+# Ways a 400 answer names the request's ``n`` field as the problem. The letter alone is not
+# enough ("n/a", "n tokens", an escaped newline in echoed content are about something else):
+# it must be quoted ('n', "n", `n`), named as the parameter (param: n, parameter n, body.n, a
+# line starting "n:"), or be the subject of a constraint (n must be 1, n > 1 is not
+# supported, n=2: must be 1, only n=1, ...); or the message says only one choice is allowed
+# (llama.cpp's server).
+_N_ALONE = r"(?-i:n)(?![\w-])"
+_N = r"(?<![\w.\\-])" + _N_ALONE
+_CONSTRAINT = (
+    r"(?:must|should|has\s+to|can(?:not|'t)?|may\s+not|(?:is|are)\s+not|isn't|only|"
+    r"(?:is\s+)?(?:not\s+)?(?:supported|unsupported|allowed|permitted|invalid|restricted)|"
+    r"greater|larger|exceeds?|out\s+of\s+range)\b"
+)
+_N_REJECTION = re.compile(
+    "|".join(
+        [
+            r"(?<![\w\\])['\"`](?-i:n)['\"`](?![\w-])",
+            rf"\b(?:param(?:eter)?|field|argument|option|body)s?(?:\s*[:=]\s*|\s+|\.){_N_ALONE}",
+            rf"(?m:^)\s*{_N}\s*:",
+            rf"{_N}(?:\s*(?:==|>=|<=|!=|=|>|<)\s*\d+)?[\s:,]+{_CONSTRAINT}",
+            rf"\bonly\s+(?:supports?\s+)?{_N}\s*==?\s*1\b",
+            r"\bonly\s+one\s+(?:completion\s+|chat\s+)?(?:choice|completion)s?\s+(?:is|are)\s+"
+            r"(?:allowed|supported)",
+            r"\bmultiple\s+(?:completion\s+)?choices\s+(?:are\s+)?not\s+supported",
+        ]
+    ),
+    re.IGNORECASE,
+)
 
 
 def _rejects_n(exc: openai.BadRequestError) -> bool:
-    """Whether a 400 answer is about the ``n`` field (a server that only allows n=1)."""
-    return getattr(exc, "param", None) == "n" or bool(_N_WORD.search(exc.message))
+    """Whether a 400 answer is about the ``n`` field (a server that only allows n=1): the
+    error's ``param`` says so, or (when it names no parameter) its message does."""
+    param = getattr(exc, "param", None)
+    if param:
+        return str(param).rsplit(".", 1)[-1] == "n"
+    return bool(_N_REJECTION.search(exc.message))

@@ -173,7 +173,9 @@ class _Run:
         model = generator.target
         seeds = [self.seeds[i] for i in indices]
         temperature = self.fan_out.temperature
-        kwargs = {"temperature": temperature} if temperature is not None else {}
+        kwargs: dict[str, Any] = {"temperature": temperature} if temperature is not None else {}
+        if self.caller.timeout is not None and generator.takes_timeout:
+            kwargs["timeout"] = self.caller.timeout  # the requests end with the attempt
         messages = list(self.conversation)
         with ExitStack() as stack:
             done = []

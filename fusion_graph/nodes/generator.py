@@ -60,6 +60,10 @@ class Generator:
     """The model has a ``seed`` field: each candidate gets its own."""
     takes_temperature: bool = False
     """The model has a ``temperature`` field."""
+    takes_timeout: bool = False
+    """The model takes a per-request ``timeout`` (e.g. ``ChatOpenAI``'s ``request_timeout``):
+    a step's ``timeout=`` is passed down, so a timed-out HTTP request really ends, also on a
+    worker thread."""
     model_temperature: float | None = None
     """The temperature the model samples at when a run sets none (its field, or a
     ``.bind(temperature=...)``), recorded in traces."""
@@ -77,6 +81,7 @@ class Generator:
                 is_node=False,
                 takes_seed="seed" in fields,
                 takes_temperature="temperature" in fields,
+                takes_timeout="request_timeout" in fields,
                 model_temperature=_own_temperature(target),
                 samples_n=isinstance(target, SupportsSampleN),
             )
@@ -121,6 +126,8 @@ class Generator:
         a node), with the caller's policy."""
         if not self.is_node:
             options = self.sampling(seed=seed, temperature=temperature)
+            if caller.timeout is not None and self.takes_timeout:
+                options["timeout"] = caller.timeout
             return await caller.call_model(self.target, source, config, **options)
         fn = self.target
         args = (source, config) if self.node_takes_config else (source,)

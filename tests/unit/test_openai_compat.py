@@ -1,30 +1,36 @@
 """``ChatOpenAICompatible`` against a fake OpenAI-compatible server on loopback: one ``n=k``
-request per fan-out, usage shares, the fallback for servers that ignore or reject ``n``,
-per-candidate failures, the per-endpoint bound on requests in flight (threads, event loops,
-cancellation) and the end-to-end FusioN path.
+request per fan-out, usage shares, the fallback for servers that ignore or reject ``n`` (and
+which 400 answers mean that), per-candidate failures, the per-endpoint bound on requests in
+flight (threads, event loops, cancellation, interrupts, limits changed while callers wait, the
+defaults), queue time kept out of latency, the per-event-loop clients (closed with their loop)
+and the end-to-end FusioN path.
 
-The fake server records every request body and the most requests ever in flight at once.
+The fake server records every request body, the most requests ever in flight at once and the
+connections open to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+import httpx
 import openai
 import pytest
 from langchain_core.messages import AIMessage
 from pydantic import SecretStr
 
 from fusion_graph import fusion_of_n
-from fusion_graph.integrations import endpoint_limits
+from fusion_graph.integrations import endpoint_limits, openai_compat
 from fusion_graph.integrations.openai_compat import (
     ChatOpenAICompatible,
     EndpointLimiter,
@@ -32,6 +38,7 @@ from fusion_graph.integrations.openai_compat import (
     forget_endpoint,
     openai_compatible,
 )
+from fusion_graph.integrations.openai_fanout import _rejects_n
 from tests.conftest import Mode
 
 Behaviour = Literal["honour", "ignore", "reject"]
@@ -55,12 +62,17 @@ class FakeServer:
     """Choice indices that finish with ``length``."""
     hold_until: int | None = None
     """Hold every request until this many have been in flight at once (then 30 ms each)."""
+    hold_timeout_s: float = 2.0
+    """How long a request is held at most, waiting for ``hold_until``."""
     gate: threading.Event | None = None
     """When set, every request waits for this event before it is answered."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     responses: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     in_flight: int = 0
     peak: int = 0
+    connections: int = 0
+    """Connections open to this fake now (those opened while it was the route's)."""
+    connections_opened: int = 0
     base_url: str = ""
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _reached: bool = False
@@ -94,7 +106,7 @@ class FakeServer:
         try:
             if self.hold_until is not None:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._reached, timeout=2)
+                    self._cond.wait_for(lambda: self._reached, timeout=self.hold_timeout_s)
                 time.sleep(0.03)  # room for a request beyond the limit to arrive
             if self.gate is not None:
                 self.gate.wait(5)
@@ -105,6 +117,11 @@ class FakeServer:
         with self._cond:
             self.responses[index] = (status, payload)
         return status, payload
+
+    def connected(self, delta: int) -> None:
+        with self._cond:
+            self.connections += delta
+            self.connections_opened += max(delta, 0)
 
     def _answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         seed = body.get("seed")
@@ -159,9 +176,23 @@ class _Route:
 def _handler(route: _Route) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        fake: FakeServer | None = None
 
         def log_message(self, format: str, *args: Any) -> None:
             return
+
+        def setup(self) -> None:
+            super().setup()
+            self.fake = route.fake
+            if self.fake is not None:
+                self.fake.connected(+1)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                if self.fake is not None:
+                    self.fake.connected(-1)
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -182,7 +213,10 @@ def _http() -> Iterator[tuple[_Route, str]]:
     """One loopback HTTP server for the module (the OpenAI clients of a base URL are built
     once, which is most of a request's cost here)."""
     route = _Route()
-    http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(route))
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(route), bind_and_activate=False)
+    http.request_queue_size = 128  # a fan-out of 64 connects at once
+    http.server_bind()
+    http.server_activate()
     http.daemon_threads = True
     threading.Thread(target=http.serve_forever, args=(0.01,), daemon=True).start()
     yield route, f"http://127.0.0.1:{http.server_address[1]}/v1"
@@ -253,6 +287,7 @@ def test_honoured_n_makes_every_candidate_in_one_request(server: FakeServer, mod
         assert meta["choice_index"] == index
         assert meta["usage_split"] is True
         assert isinstance(meta["latency_s"], float) and 0 < meta["latency_s"] < 5
+        assert isinstance(meta["queue_s"], float) and meta["queue_s"] >= 0
         assert meta["finish_reason"] == "stop"
 
 
@@ -335,8 +370,12 @@ def test_server_ignoring_n_still_yields_n_candidates(server: FakeServer, mode: M
 
 @pytest.mark.parametrize(
     ("param", "message"),
-    [("n", "Invalid value."), (None, "Only n=1 is supported by this server.")],
-    ids=["param", "message"],
+    [
+        ("n", "Invalid value."),
+        (None, "Only n=1 is supported by this server."),
+        (None, "Only one completion choice is allowed"),  # llama.cpp's server
+    ],
+    ids=["param", "message", "llama.cpp"],
 )
 def test_server_rejecting_n_gets_one_request_per_candidate(
     server: FakeServer, mode: Mode, param: str | None, message: str
@@ -359,17 +398,82 @@ def test_server_rejecting_n_gets_one_request_per_candidate(
     assert server.ns() == [None, None]
 
 
-def test_bad_request_not_about_n_raises_and_is_not_remembered(server: FakeServer) -> None:
+@pytest.mark.parametrize(
+    "message",
+    [
+        "temperature must be at most 2.",
+        "max_tokens: n/a is not a number.",  # a standalone "n" that is not the field
+        "The prompt is n tokens over the limit; shorten it.",
+    ],
+)
+def test_bad_request_not_about_n_raises_and_is_not_remembered(
+    server: FakeServer, message: str
+) -> None:
     server.fail_seeds = {10: 400}
-    server.fail_message = "temperature must be at most 2."
+    server.fail_message = message
     llm = model(server)
-    with pytest.raises(openai.BadRequestError, match="temperature"):
+    with pytest.raises(openai.BadRequestError, match=message.split()[0]):
         llm.sample_n("Hi", seeds=[10, 11])
     assert server.ns() == [2]  # no fill-in requests
 
     server.reset()
     llm.sample_n("Hi", seeds=[20, 21])
     assert server.ns() == [2]
+
+
+def _bad_request(message: str, param: str | None = None) -> openai.BadRequestError:
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    body = {"message": message, "type": "invalid_request_error", "param": param}
+    response = cast(Any, httpx.Response(400, request=request))  # openai's own httpx may differ
+    return openai.BadRequestError(message, response=response, body=body)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "'n' must be 1 for this model.",
+        'Invalid value for "n": 4.',
+        "Unsupported value: 'n' does not support 4 with this model.",
+        "`n` must be 1",
+        "Invalid parameter: n",
+        "param: n",
+        "body.n: Input should be less than or equal to 1",
+        "n: Input should be less than or equal to 1",
+        "n must be 1 when using greedy sampling",
+        "n > 1 is not supported",
+        "n=4: must be 1",
+        "Only n=1 is supported by this server.",
+        "This endpoint only supports n=1",
+        "Only one completion choice is allowed",
+    ],
+)
+def test_a_400_naming_the_n_field_is_a_rejection_of_n(message: str) -> None:
+    assert _rejects_n(_bad_request(message))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "temperature must be at most 2.",
+        "max_tokens: n/a is not a number.",
+        "The prompt is n tokens over the limit; shorten it.",
+        "Invalid 'messages[0].content': got 'line\\n', expected a non-empty string.",
+        "invalid escape \\n must be doubled",
+        "messages[1]: content must be a string, got an n-dimensional array",
+        "model 'gpt-n' not found",
+        "top_n must be positive",
+        "N must be 1",  # a count, not the field
+        "stop: at most 4 sequences (got n=5)",
+    ],
+)
+def test_a_400_mentioning_the_letter_n_is_not_a_rejection_of_n(message: str) -> None:
+    assert not _rejects_n(_bad_request(message))
+
+
+def test_the_param_of_a_400_decides_over_its_message() -> None:
+    assert _rejects_n(_bad_request("Invalid value.", param="n"))
+    assert _rejects_n(_bad_request("Invalid value.", param="body.n"))
+    assert not _rejects_n(_bad_request("'n' must be at most 2 here", param="temperature"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,10 +656,9 @@ def test_limiter_hands_slots_from_threads_to_coroutines() -> None:
     assert limiter.in_flight == 0
 
 
-def test_limiter_names_are_reexported_and_shared() -> None:
+def test_limiter_names_are_reexported_and_shared(url: str) -> None:
     assert EndpointLimiter is endpoint_limits.EndpointLimiter
     assert endpoint_limiter is endpoint_limits.endpoint_limiter
-    url = "http://127.0.0.1:9/v1"
     try:
         limiter = endpoint_limiter(url + "/", limit=4)
         assert endpoint_limiter(url) is limiter and limiter.limit == 4
@@ -566,6 +669,331 @@ def test_limiter_names_are_reexported_and_shared() -> None:
         forget_endpoint(url)
     assert endpoint_limiter(url) is not limiter
     forget_endpoint(url)
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    """A loopback base URL no server listens on, forgotten before and after the test."""
+    base = "http://127.0.0.1:9/v1"
+    forget_endpoint(base)
+    endpoint_limits._LIMITERS.pop(endpoint_limits.endpoint_key(base), None)
+    yield base
+    endpoint_limits._LIMITERS.pop(endpoint_limits.endpoint_key(base), None)
+    forget_endpoint(base)
+
+
+def test_a_model_naming_no_limit_keeps_the_endpoint_limit(url: str) -> None:
+    limiter = endpoint_limiter(url, limit=32)
+    assert openai_compatible(url, "m").limiter is limiter
+    assert limiter.limit == 32, "a model that names no limit must not change the endpoint's"
+    assert ChatOpenAICompatible(base_url=url, model="m", api_key="x").limiter.limit == 32
+    assert openai_compatible(url, "m", max_concurrency=40).limiter.limit == 32  # smallest wins
+    assert openai_compatible(url, "m", max_concurrency=4).limiter.limit == 4
+    assert openai_compatible(url, "m").limiter.limit == 4
+
+
+def test_a_named_limit_replaces_the_default_up_or_down(url: str) -> None:
+    limiter = openai_compatible(url, "m").limiter
+    assert limiter.limit == endpoint_limits.DEFAULT_LOOPBACK_CONCURRENCY and not limiter.explicit
+    assert openai_compatible(url, "m", max_concurrency=100).limiter.limit == 100  # raised
+    assert limiter.explicit
+    assert openai_compatible(url, "m", max_concurrency=200).limiter.limit == 100
+    assert openai_compatible(url, "m").limiter.limit == 100
+
+
+def test_default_limits_are_higher_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "secret")
+    loopback: list[str | None] = [
+        "http://127.0.0.1:9/v1",
+        "http://localhost:9/v1",
+        "http://[::1]:9/v1",
+    ]
+    remote: list[str | None] = ["https://llm.example.com/v1", "http://10.0.0.5:8000/v1", None]
+    try:
+        for base in loopback:
+            assert endpoint_limiter(base).limit == 64 == endpoint_limits.default_limit(base)
+        for base in remote:
+            assert endpoint_limiter(base).limit == 16 == endpoint_limits.default_limit(base)
+        assert openai_compatible("https://llm.example.com/v1", "m").limiter.limit == 16
+        assert openai_compatible("http://localhost:9/v1", "m").limiter.limit == 64
+    finally:
+        for base in [*loopback, *remote]:
+            forget_endpoint(base)
+
+
+async def test_default_limit_runs_a_fan_out_of_64_at_once_on_loopback(server: FakeServer) -> None:
+    server.hold_until, server.hold_timeout_s = 64, 10
+    llm = model(server, supports_n=False)
+    replies = await llm.asample_n("Hi", seeds=list(range(64)))
+
+    assert all(isinstance(r, AIMessage) for r in replies), replies
+    assert len(server.chat()) == 64
+    assert server.peak == 64 == llm.limiter.peak
+
+
+async def test_a_lowered_limit_applies_to_callers_already_waiting(url: str) -> None:
+    limiter = endpoint_limiter(url, limit=3)
+    for _ in range(3):
+        await limiter.aacquire()
+    waiters = [asyncio.create_task(limiter.aacquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert queued(limiter) == 3
+
+    assert endpoint_limiter(url, limit=1) is limiter and limiter.limit == 1
+    limiter.release()
+    limiter.release()
+    await asyncio.sleep(0)
+    # Two slots came back, but one is still held: at the new limit, none may be handed on.
+    assert (limiter.in_flight, queued(limiter)) == (1, 3)
+    assert not any(w.done() for w in waiters)
+
+    limiter.release()
+    await asyncio.wait_for(asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED), 2)
+    assert (limiter.in_flight, queued(limiter)) == (1, 2)
+    for _ in range(2):
+        limiter.release()
+        await asyncio.sleep(0.01)
+        assert limiter.in_flight == 1
+    await asyncio.wait_for(asyncio.gather(*waiters), 2)
+    limiter.release()
+    assert limiter.in_flight == 0 and limiter.peak == 3
+
+
+def test_a_lowered_limit_applies_to_threads_already_waiting(url: str) -> None:
+    limiter = endpoint_limiter(url, limit=2)
+    limiter.acquire()
+    limiter.acquire()
+    got: list[int] = []
+
+    def wait(i: int) -> None:
+        limiter.acquire()
+        got.append(i)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(wait, i) for i in range(2)]
+        try:
+            wait_until(lambda: queued(limiter) == 2)
+            endpoint_limiter(url, limit=1)
+            limiter.release()
+            assert (limiter.in_flight, queued(limiter), got) == (1, 2, [])
+            limiter.release()
+            wait_until(lambda: len(got) == 1)
+            assert (limiter.in_flight, queued(limiter)) == (1, 1)
+            limiter.release()
+            for future in futures:
+                future.result(timeout=2)
+        finally:
+            while not all(f.done() for f in futures):  # never leave a thread blocked
+                limiter.release()
+                time.sleep(0.01)
+    limiter.release()
+    assert limiter.in_flight == 0
+
+
+async def test_a_raised_limit_hands_the_new_slots_to_waiters() -> None:
+    limiter = EndpointLimiter(limit=1)
+    await limiter.aacquire()
+    waiters = [asyncio.create_task(limiter.aacquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+
+    limiter.set_limit(3)
+    await asyncio.wait_for(asyncio.wait(waiters[:2]), 2)
+    assert [w.done() for w in waiters] == [True, True, False]
+    assert limiter.in_flight == 3
+    limiter.release()
+    await asyncio.wait_for(waiters[2], 2)
+    for _ in range(3):
+        limiter.release()
+    assert limiter.in_flight == 0
+
+
+@pytest.fixture
+def interrupt_main_thread() -> Iterator[Any]:
+    """``interrupt(when, then=None)``: once ``when()`` holds, a helper thread signals the
+    main thread, whose handler runs ``then()`` and raises KeyboardInterrupt (what Ctrl-C
+    does to a thread blocked waiting for a slot)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    actions: list[Any] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        for action in actions:
+            action()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    helpers: list[threading.Thread] = []
+
+    def interrupt(when: Any, then: Any = None) -> None:
+        if then is not None:
+            actions.append(then)
+
+        def fire() -> None:
+            wait_until(when, 5)
+            time.sleep(0.05)  # into the wait itself
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+        helper = threading.Thread(target=fire, daemon=True)
+        helpers.append(helper)
+        helper.start()
+
+    yield interrupt
+    for helper in helpers:
+        helper.join(5)
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_thread_interrupted_while_waiting_takes_no_slot(interrupt_main_thread: Any) -> None:
+    limiter = EndpointLimiter(limit=1)
+    limiter.acquire()
+    interrupt_main_thread(lambda: queued(limiter) == 1)
+    with pytest.raises(KeyboardInterrupt):
+        limiter.acquire()
+    assert queued(limiter) == 0, "the interrupted waiter must leave the queue"
+    limiter.release()
+    assert limiter.in_flight == 0
+    with limiter.slot():  # hangs if the slot went to the interrupted waiter
+        assert limiter.in_flight == 1
+
+
+def test_a_thread_interrupted_once_handed_a_slot_passes_it_on(
+    interrupt_main_thread: Any,
+) -> None:
+    limiter = EndpointLimiter(limit=1)
+    limiter.acquire()
+    # The holder gives its slot back (to the waiting main thread) just before the interrupt.
+    interrupt_main_thread(lambda: queued(limiter) == 1, then=limiter.release)
+    with pytest.raises(KeyboardInterrupt):
+        limiter.acquire()
+    assert (limiter.in_flight, queued(limiter)) == (0, 0), "the handed-over slot leaked"
+
+
+def test_a_sync_request_interrupted_while_queued_is_never_sent(
+    server: FakeServer, interrupt_main_thread: Any
+) -> None:
+    server.gate = threading.Event()
+    llm = model(server, max_concurrency=1)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(llm.invoke, "first")
+        wait_until(lambda: server.in_flight == 1)
+        interrupt_main_thread(lambda: queued(llm.limiter) == 1)
+        with pytest.raises(KeyboardInterrupt):
+            llm.invoke("interrupted")
+        assert queued(llm.limiter) == 0
+        server.gate.set()
+        assert isinstance(first.result(timeout=5), AIMessage)
+    assert isinstance(llm.invoke("third"), AIMessage)
+    assert [b["messages"][0]["content"] for b in server.chat()] == ["first", "third"]
+    assert llm.limiter.in_flight == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue time is not latency
+# ---------------------------------------------------------------------------------------------
+
+
+def test_latency_excludes_the_time_queued_for_a_slot(server: FakeServer) -> None:
+    held_s = 0.3
+    server.gate = threading.Event()
+    llm = model(server, supports_n=False, max_concurrency=1)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        start = time.perf_counter()
+        done = pool.submit(llm.sample_n, "Hi", seeds=[1, 2])
+        wait_until(lambda: server.in_flight == 1 and queued(llm.limiter) == 1)
+        time.sleep(held_s)  # the first request is held at the server, the second queues
+        server.gate.set()
+        replies = done.result(timeout=10)
+        wall = time.perf_counter() - start
+
+    messages = [r for r in replies if isinstance(r, AIMessage)]
+    assert len(messages) == 2, replies
+    meta = sorted((r.response_metadata for r in messages), key=lambda m: m["queue_s"])
+    first, second = meta
+    assert first["latency_s"] >= held_s  # it was at the server the whole time
+    assert second["queue_s"] >= held_s  # it waited the whole time the first was held
+    for m in meta:
+        # Two disjoint parts of the call: the request's own time leaves the queue out.
+        assert m["queue_s"] >= 0 and m["latency_s"] > 0
+        assert m["queue_s"] + m["latency_s"] <= wall
+
+
+async def test_async_replies_and_fused_candidates_report_queue_and_latency(
+    server: FakeServer,
+) -> None:
+    llm = model(server, supports_n=False, max_concurrency=2)
+    result = await fusion_of_n(llm, n=4, fusor=llm, seed=1).arun("Hi")
+
+    assert [c.ok for c in result.candidates] == [True] * 4
+    for c in result.candidates:
+        assert c.message is not None
+        meta = c.message.response_metadata
+        assert meta["queue_s"] >= 0 and meta["latency_s"] > 0
+        assert c.latency_s == meta["latency_s"]  # the fan-out's latency of a sample
+    reply = await llm.ainvoke("Hi")
+    assert {"queue_s", "latency_s"} <= set(reply.response_metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-event-loop clients
+# ---------------------------------------------------------------------------------------------
+
+
+def test_each_event_loops_client_is_closed_when_the_loop_shuts_down(server: FakeServer) -> None:
+    llm = model(server)
+    before = len(openai_compat._LOOP_TWINS)
+    for i in range(3):
+        assert isinstance(asyncio.run(llm.ainvoke(f"q{i}")), AIMessage)
+        # The loop's connection was closed with the loop, not left open (nor the loop kept).
+        wait_until(lambda: server.connections == 0, 5)
+        assert len(openai_compat._LOOP_TWINS) == before
+    assert server.connections_opened == 3
+
+
+def test_one_event_loop_reuses_its_client(server: FakeServer) -> None:
+    llm = model(server)
+
+    async def twice() -> None:
+        await llm.ainvoke("a")
+        await llm.ainvoke("b")
+        await llm.ainvoke("c")
+
+    asyncio.run(twice())
+    assert len(server.chat()) == 3
+    assert server.connections_opened == 1  # one client, one pooled connection, per loop
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_clients_of_a_loop_closed_without_shutdown_are_dropped(server: FakeServer) -> None:
+    llm = model(server)
+    before = len(openai_compat._LOOP_TWINS)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(llm.ainvoke("a"))  # no shutdown_asyncgens: nothing was closed
+    loop.close()
+    asyncio.run(llm.ainvoke("b"))  # the next copy made drops the closed loop's
+
+    assert loop not in openai_compat._LOOP_TWINS
+    assert len(openai_compat._LOOP_TWINS) == before
+    del loop
+    gc.collect()  # its sockets close when collected
+    wait_until(lambda: server.connections == 0, 5)
+
+
+def test_the_client_of_a_model_gone_is_closed_at_the_next_copy(server: FakeServer) -> None:
+    async def main() -> None:
+        first = model(server)
+        await first.ainvoke("a")
+        assert server.connections == 1
+        del first
+        gc.collect()
+        await model(server).ainvoke("b")  # a new copy on this loop closes the gone one's
+        for _ in range(500):
+            if server.connections == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert server.connections == 1
+
+    asyncio.run(main())
+    wait_until(lambda: server.connections == 0, 5)
 
 
 # ---------------------------------------------------------------------------------------------
