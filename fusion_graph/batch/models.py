@@ -49,8 +49,9 @@ class Defaults:
     timeout: float | None = None
     retries: int = 1
     """Extra attempts after a failed call (with backoff)."""
-    endpoint_concurrency: int = 8
-    """Calls in flight per remote endpoint (the embedded model takes one at a time)."""
+    endpoint_concurrency: int | None = None
+    """Calls in flight per remote endpoint; ``None`` leaves the endpoint's default (64 on
+    loopback, 16 otherwise). The embedded model takes one call at a time."""
 
 
 @dataclass
@@ -265,7 +266,7 @@ def build_handle(spec: ModelSpec, defaults: Defaults, *, name: str | None = None
     """
     settings = _settings(spec, defaults)
     urls: tuple[str | None, ...] = spec.urls or (None,)
-    limit = int(spec.options.get("concurrency", defaults.endpoint_concurrency))
+    limit = spec.options.get("concurrency", defaults.endpoint_concurrency)
     replicas = []
     for url in urls:
         model = build_model(

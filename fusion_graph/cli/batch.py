@@ -53,11 +53,12 @@ class SelectorChoice(StrEnum):
 
 # Options both commands take.
 EndpointConcurrency = Annotated[
-    int,
+    int | None,
     typer.Option(
         min=1,
         help="Calls in flight per remote endpoint (URL) unless its spec says concurrency=. "
-        "The embedded model takes one call at a time.",
+        "Default: 64 for a loopback server, 16 for any other. The embedded model takes one "
+        "call at a time.",
     ),
 ]
 Seed = Annotated[int, typer.Option(min=0, help="Base seed: candidate i samples with seed + i.")]
@@ -129,7 +130,7 @@ def synth(
         ),
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Prompts in flight.")] = 4,
-    endpoint_concurrency: EndpointConcurrency = 8,
+    endpoint_concurrency: EndpointConcurrency = None,
     temperature: Annotated[
         float, typer.Option(min=0.0, help="Teacher temperature unless a spec sets one.")
     ] = 0.3,
@@ -267,7 +268,7 @@ def eval_command(
     ] = None,
     limit: Limit = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Items in flight.")] = 2,
-    endpoint_concurrency: EndpointConcurrency = 8,
+    endpoint_concurrency: EndpointConcurrency = None,
     temperature: Annotated[
         float, typer.Option(min=0.0, help="Sampling temperature unless a spec sets one.")
     ] = 0.8,

@@ -34,7 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import resource
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -379,31 +383,55 @@ WARM_UP = 30
 MAX_GROWTH_MB = 20.0
 
 
-def test_memory_does_not_grow_over_200_runs(fake_openai: FakeOpenAI, mode: Mode) -> None:
-    # Half of every run's requests fail (their exceptions and tracebacks are kept on the
-    # candidates), every async run has an event loop (and so a client) of its own.
-    llm = chat_model(fake_openai)
-    step = make_step("fusion", llm)
-    rules = [(odd_seed, Fault.status(500))]
+def measure_growth(sync: bool) -> dict[str, Any]:
+    """RSS growth over RUNS runs after WARM_UP runs, in this process (run it in a fresh one:
+    a long test session's fragmented heap grows RSS on its own)."""
+    mode = Mode("sync" if sync else "async")
+    with FakeOpenAI() as server:
+        # Half of every run's requests fail (their exceptions and tracebacks are kept on the
+        # candidates), every async run has an event loop (and so a client) of its own.
+        llm = chat_model(server)
+        step = make_step("fusion", llm)
+        rules = [(odd_seed, Fault.status(500))]
 
-    def runs(count: int) -> None:
-        for _ in range(count):
-            fake_openai.configure(honour_n=False, rules=rules)  # the server's records too
-            result = mode.run(step, QUESTION)
-            assert [c.index for c in result.candidates if c.ok] == SURVIVORS
-            assert fake_openai.wait_idle()
+        def runs(count: int) -> None:
+            for _ in range(count):
+                server.configure(honour_n=False, rules=rules)  # the server's records too
+                result = mode.run(step, QUESTION)
+                assert [c.index for c in result.candidates if c.ok] == SURVIVORS
+                assert server.wait_idle()
 
-    runs(WARM_UP)
-    gc.collect()
-    before = rss_mb()
-    twins = len(openai_compat._LOOP_TWINS)
-    runs(RUNS)
-    gc.collect()
-    growth = rss_mb() - before
+        runs(WARM_UP)
+        gc.collect()
+        before, twins = rss_mb(), len(openai_compat._LOOP_TWINS)
+        runs(RUNS)
+        gc.collect()
+        return {
+            "growth_mb": rss_mb() - before,
+            "twins_kept": len(openai_compat._LOOP_TWINS) - twins,
+            "open_connections": server.open_connections,
+        }
 
+
+def test_memory_does_not_grow_over_200_runs(mode: Mode) -> None:
+    code = (
+        "import json, tests.faults.test_faults as t; "
+        f"print(json.dumps(t.measure_growth({mode.sync!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    growth = found["growth_mb"]
     assert growth < MAX_GROWTH_MB, f"RSS grew {growth:.1f} MB over {RUNS} runs"
-    assert len(openai_compat._LOOP_TWINS) <= twins  # no event loop (nor its client) kept
-    assert fake_openai.open_connections <= 2 * N  # closed with their loops, or pooled
+    assert found["twins_kept"] <= 0  # no event loop (nor its client) kept
+    assert found["open_connections"] <= 2 * N  # closed with their loops, or pooled
 
 
 # ---------------------------------------------------------------------------------------------
