@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
@@ -290,6 +290,23 @@ class Caller:
         except Exception as exc:  # recorded, not raised: a failed call is data
             return CallResult(None, exc, attempts, time.perf_counter() - start)
         return CallResult(value, None, attempts, time.perf_counter() - start)
+
+    def retry_wait(self, error: Exception) -> float | None:
+        """For an attempt that failed elsewhere (one sample of a multi-sample call): how long
+        to wait before retrying it under this caller's policy (its backoff, or the server's
+        Retry-After if longer), or ``None`` when the policy would not retry ``error``."""
+        policy = self.retry
+        if policy is None or policy.max_attempts <= 1 or not _retry_predicate(policy)(error):
+            return None
+        asked = retry_after_s(error)
+        backoff = policy.initial_interval
+        return max(backoff, min(asked, policy.max_interval)) if asked is not None else backoff
+
+    def after_one_attempt(self) -> Caller:
+        """This caller with one attempt fewer (the first one was made elsewhere)."""
+        assert self.retry is not None
+        fewer = self.retry._replace(max_attempts=max(1, self.retry.max_attempts - 1))
+        return replace(self, retry=fewer)
 
     def _retrying(self) -> AsyncRetrying:
         policy = self.retry

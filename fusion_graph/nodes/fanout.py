@@ -213,9 +213,39 @@ class _Run:
                     _generated(generator, index, seed, _sample(result, k))
                     for k, (index, seed) in enumerate(zip(indices, seeds, strict=True))
                 ]
+                made = list(await asyncio.gather(*(self._retried(generator, m) for m in made)))
             for k, generated in enumerate(made):
                 done[k](generated.candidate)
         return list(await asyncio.gather(*(self._critiqued(m) for m in made)))
+
+    async def _retried(self, generator: Generator, made: Generated) -> Generated:
+        """A sample that failed inside a successful multi-sample call (e.g. one fill-in
+        request to a server that ignores ``n``) is retried alone under the run's retry
+        policy, after its wait (backoff, or the server's Retry-After)."""
+        error = made.exception
+        wait = None if error is None else self.caller.retry_wait(error)
+        if wait is None:
+            return made
+        await asyncio.sleep(wait)
+        index = made.candidate.index
+        child = role_config(
+            self.config, role="generator", run_name=f"candidate[{index}]", index=index
+        )
+        alone = await generator.make(
+            self.conversation,
+            child,
+            self.caller.after_one_attempt(),
+            seed=self.seeds[index],
+            temperature=self.fan_out.temperature,
+        )
+        first = made.candidate
+        total = CallResult(
+            alone.value,
+            alone.error,
+            first.attempts + alone.attempts,
+            first.latency_s + alone.latency_s + wait,
+        )
+        return _generated(generator, index, self.seeds[index], total)
 
     async def _one_by_one(
         self, generator: Generator, indices: list[int], failed: CallResult[Any]

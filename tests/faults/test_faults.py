@@ -19,15 +19,10 @@ How the candidates are made in each variant:
 
 The fusor is the same model; its requests carry no seed, so they never fail.
 
-Known gaps, marked ``xfail(strict=True)`` with what to change (each raises its own assertion
-class, so any other failure still fails):
-
-* fusion-graph's ``retry=RetryPolicy(...)`` ignores ``Retry-After`` (runtime.py); those
-  tests turn into plain tests once ``fusion_graph.runtime.retry_after_s`` exists;
-* candidates whose fill-in request failed inside a multi-sample call are not retried
-  (nodes/fanout.py);
-* on the sync path, a candidate timed out by the step's ``timeout=`` leaves its HTTP request
-  running until the client's own timeout (runtime.py).
+Retries run fusion-graph's own ``retry=RetryPolicy(...)`` and wait at least ``Retry-After``;
+a sample that failed inside a successful multi-sample call (a fill-in request) is retried
+alone; a step's ``timeout=`` ends the HTTP request too (it is passed down as the request's
+timeout), so nothing is left in flight.
 """
 
 from __future__ import annotations
@@ -44,7 +39,7 @@ from typing import Any
 import pytest
 from langgraph.types import RetryPolicy
 
-from fusion_graph import MajorityVote, best_of_n, fusion_of_n, runtime
+from fusion_graph import MajorityVote, best_of_n, fusion_of_n
 from fusion_graph.integrations import openai_compat
 from fusion_graph.integrations.openai_compat import ChatOpenAICompatible, openai_compatible
 from fusion_graph.types import Candidate, FusionResult
@@ -285,22 +280,8 @@ def check_retry_gaps(server: FakeOpenAI, *, at_least_s: float, groups: int) -> N
 
 RETRY = RetryPolicy(max_attempts=3, initial_interval=0.01, backoff_factor=1.0, jitter=False)
 """Backoff far below Retry-After: a retry that waits less did not honour it."""
-CHANGE_RUNTIME = (
-    "fusion_graph/runtime.py: Caller._retrying waits its exponential backoff only; it must wait "
-    "at least the Retry-After of a 429/503 (issue 14)"
-)
-RUNTIME_HONOURS_RETRY_AFTER = hasattr(runtime, "retry_after_s")
-"""The change proposed for runtime.py (issue 14) adds ``retry_after_s``; until then, the tests
-of fusion-graph's own retries are expected to fail, and only by retrying too soon."""
-until_runtime_honours_retry_after = pytest.mark.xfail(
-    not RUNTIME_HONOURS_RETRY_AFTER,
-    raises=RetryAfterNotHonoured,
-    strict=True,
-    reason=CHANGE_RUNTIME,
-)
 
 
-@until_runtime_honours_retry_after
 def test_retry_policy_waits_retry_after_for_the_multi_sample_request(
     fake_openai: FakeOpenAI, mode: Mode
 ) -> None:
@@ -314,7 +295,6 @@ def test_retry_policy_waits_retry_after_for_the_multi_sample_request(
     check_retry_gaps(fake_openai, at_least_s=RETRY_AFTER_S, groups=1)
 
 
-@until_runtime_honours_retry_after
 def test_retry_policy_waits_retry_after_for_calls_of_their_own(
     fake_openai: FakeOpenAI, mode: Mode
 ) -> None:
@@ -330,13 +310,6 @@ def test_retry_policy_waits_retry_after_for_calls_of_their_own(
     check_retry_gaps(fake_openai, at_least_s=RETRY_AFTER_S, groups=N)
 
 
-@pytest.mark.xfail(
-    raises=(RetryAfterNotHonoured, FillInsNotRetried),
-    strict=True,
-    reason=CHANGE_RUNTIME
-    + "; and fusion_graph/nodes/fanout.py does not retry the candidates a successful "
-    "multi-sample call returned as errors (a server that ignores n: its fill-in requests)",
-)
 def test_retry_policy_waits_retry_after_for_fill_in_requests(
     fake_openai: FakeOpenAI, mode: Mode
 ) -> None:
