@@ -42,12 +42,10 @@ from fusion_graph.integrations.llama_cpp_loader import (
 )
 from fusion_graph.integrations.llama_cpp_sampling import (
     MAX_SEED,
-    MIN_P,
-    TOP_K,
     SamplingOptions,
+    chat_completion,
     check_seed,
     fresh_seed,
-    room,
 )
 from fusion_graph.integrations.llama_cpp_tools import (
     forced_tool,
@@ -73,30 +71,6 @@ __all__ = ["ChatLocalModel", "default_model_path"]
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop"})
 _IGNORED_OPTIONS = frozenset({"stream"})
 _TOOL_OPTIONS = ("tools", "tool_choice")
-
-
-def _chat_completion(
-    entry: LoadedModel,
-    chat: list[dict[str, str]],
-    opts: SamplingOptions,
-    seed: int,
-    *,
-    stream: bool,
-) -> tuple[int, Any]:
-    """The prompt's token count and one ``create_chat_completion`` (a result, or a chunk
-    iterator when streaming) with our sampling chain; the caller holds the lock."""
-    n_prompt = len(entry.prompt_tokens(chat))
-    return n_prompt, entry.llama.create_chat_completion(
-        messages=chat,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        top_k=TOP_K,
-        min_p=MIN_P,
-        max_tokens=room(n_prompt, opts.max_tokens, entry.n_ctx),
-        stop=opts.stop,
-        seed=seed,
-        stream=stream,
-    )
 
 
 class ChatLocalModel(BlockingChatModel):
@@ -242,7 +216,7 @@ class ChatLocalModel(BlockingChatModel):
         entry = self._loaded()
         seed = opts.seed if opts.seed is not None else fresh_seed()
         with entry.lock:
-            n_prompt, parts = _chat_completion(entry, chat, opts, seed, stream=True)
+            n_prompt, parts = chat_completion(entry, chat, opts, seed, stream=True, stop=opts.stop)
             texts: list[str] = []
             finish_reason: str | None = None
             with contextlib.closing(parts):

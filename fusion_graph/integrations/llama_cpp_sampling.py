@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from fusion_graph.integrations.llama_cpp_loader import LoadedModel
 
 __all__ = [
     "MAX_SEED",
@@ -62,3 +65,26 @@ def room(n_prompt: int, max_tokens: int, n_ctx: int) -> int:
         )
         raise ValueError(msg)
     return min(max_tokens, n_ctx - n_prompt)
+
+
+def chat_completion(
+    entry: LoadedModel,
+    chat: list[dict[str, str]],
+    opts: SamplingOptions,
+    seed: int,
+    **extra: Any,
+) -> tuple[int, Any]:
+    """The prompt's token count and one llama.cpp ``create_chat_completion`` (a result, or a
+    chunk iterator with ``stream=True``) with our sampling chain and room for the reply;
+    ``extra`` adds ``stop``, ``stream`` or ``response_format``. The caller holds the lock."""
+    n_prompt = len(entry.prompt_tokens(chat))
+    return n_prompt, entry.llama.create_chat_completion(
+        messages=chat,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        top_k=TOP_K,
+        min_p=MIN_P,
+        max_tokens=room(n_prompt, opts.max_tokens, entry.n_ctx),
+        seed=seed,
+        **extra,
+    )

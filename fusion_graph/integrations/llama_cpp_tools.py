@@ -28,11 +28,9 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from fusion_graph.integrations.chat_template import to_chat
 from fusion_graph.integrations.llama_cpp_loader import LoadedModel
 from fusion_graph.integrations.llama_cpp_sampling import (
-    MIN_P,
-    TOP_K,
     SamplingOptions,
+    chat_completion,
     fresh_seed,
-    room,
 )
 from fusion_graph.integrations.usage import token_usage
 
@@ -150,18 +148,9 @@ def tool_reply(
         plain = [SystemMessage(content=intro), *plain]
     chat = to_chat(plain, reader="the local model")
     seed = opts.seed if opts.seed is not None else fresh_seed()
+    schema = {"type": "json_object", "schema": reply_schema(specs, forced)}
     with entry.lock:
-        n_prompt = len(entry.prompt_tokens(chat))
-        result = entry.llama.create_chat_completion(
-            messages=chat,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            top_k=TOP_K,
-            min_p=MIN_P,
-            max_tokens=room(n_prompt, opts.max_tokens, entry.n_ctx),
-            seed=seed,
-            response_format={"type": "json_object", "schema": reply_schema(specs, forced)},
-        )
+        n_prompt, result = chat_completion(entry, chat, opts, seed, response_format=schema)
     choice = result["choices"][0]
     message = parse_reply(choice["message"].get("content") or "")
     n_output = int(result.get("usage", {}).get("completion_tokens", 0))
