@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from _common import chat_model, parser
 from langchain.agents import create_agent
+from langchain.agents.middleware import ModelCallLimitMiddleware
 from langchain_core.tools import tool
 
 from fusion_graph.middleware import FusionMiddleware
@@ -44,12 +45,14 @@ def main(argv: list[str] | None = None) -> None:
         llm,
         [multiply, add],
         system_prompt="Use the tools for arithmetic, then answer in one sentence.",
-        middleware=[FusionMiddleware(n=args.n, fusor=llm)],
+        # At most 3 model steps (a fused step counts as one): a weak model that keeps
+        # calling tools ends there instead of looping. A fixed seed makes runs repeatable.
+        middleware=[
+            ModelCallLimitMiddleware(run_limit=3, exit_behavior="end"),
+            FusionMiddleware(n=args.n, fusor=llm, seed=0),
+        ],
     )
-    out = agent.invoke(
-        {"messages": [("user", "What is 12.5 times 4? Use the multiply tool.")]},
-        {"recursion_limit": 8},
-    )
+    out = agent.invoke({"messages": [("user", "What is 12.5 times 4? Use the multiply tool.")]})
     decision = out["fusion_decision"]
     print(f"last step: {len(out['fusion_candidates'])} candidates, {decision.method}")
     print(f"tool calls executed: {CALLS or 'none'}")
