@@ -117,6 +117,14 @@ class Selector(ABC):
         """Choose among ``context.candidates`` (never empty)."""
 
 
+def checked_fallback(fallback: object) -> Selector | None:
+    """``fallback`` if it is a :class:`Selector` or ``None``; ``TypeError`` otherwise."""
+    if fallback is not None and not isinstance(fallback, Selector):
+        msg = f"fallback must be a Selector or None, got {type(fallback).__name__}"
+        raise TypeError(msg)
+    return fallback
+
+
 def as_candidates(answers: Sequence[Candidate | AIMessage | str]) -> list[Candidate]:
     """Candidates from what the caller has: :class:`Candidate` s as they are (sorted by
     index), strings and ``AIMessage`` s indexed by position."""

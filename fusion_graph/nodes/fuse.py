@@ -10,7 +10,13 @@ from langchain_core.messages import AIMessage, AIMessageChunk, message_chunk_to_
 from langchain_core.runnables import Runnable
 
 from fusion_graph.messages import as_reply
-from fusion_graph.nodes.decide import Decider, SelectionContext, Selector, TokenSink
+from fusion_graph.nodes.decide import (
+    Decider,
+    SelectionContext,
+    Selector,
+    TokenSink,
+    checked_fallback,
+)
 from fusion_graph.nodes.select import DEFAULT_FALLBACK
 from fusion_graph.prompts import FUSION_PROMPT, PromptTemplate, build_fusion_messages
 from fusion_graph.runtime import model_name, role_config
@@ -51,7 +57,7 @@ class Fuse(Decider):
         prompt.check("fusion")
         self.fusor = fusor
         self.prompt = prompt
-        self.fallback = _check_fallback(fallback)
+        self.fallback = checked_fallback(fallback)
 
     @property
     def method(self) -> str:
@@ -90,13 +96,6 @@ class Fuse(Decider):
             strategy="fusion", fused=True, method=self.method, usage=TokenUsage.of(message)
         )
         return message, decision
-
-
-def _check_fallback(fallback: object) -> Selector | None:
-    if fallback is not None and not isinstance(fallback, Selector):
-        msg = f"fallback must be a Selector or None, got {type(fallback).__name__}"
-        raise TypeError(msg)
-    return fallback
 
 
 def _sent(on_token: TokenSink, chunk: Any) -> Any:

@@ -26,6 +26,7 @@ from fusion_graph.nodes.decide import (
     SelectionContext,
     Selector,
     TokenSink,
+    checked_fallback,
     winner,
 )
 from fusion_graph.types import Candidate, Decision
@@ -184,11 +185,8 @@ class Select(Decider):
     def __init__(
         self, selector: Selector | RewardFn, *, fallback: Selector | None = DEFAULT_FALLBACK
     ) -> None:
-        if fallback is not None and not isinstance(fallback, Selector):
-            msg = f"fallback must be a Selector or None, got {type(fallback).__name__}"
-            raise TypeError(msg)
         self.selector = as_selector(selector)
-        self.fallback = fallback
+        self.fallback = checked_fallback(fallback)
 
     @property
     def method(self) -> str:
