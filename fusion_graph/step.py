@@ -81,7 +81,7 @@ class FusionStep:
             )
             candidates = [g.candidate for g in made]
             report.candidates = candidates
-            check_quorum(candidates, self.options.min_candidates, [g.exception for g in made])
+            check_quorum(candidates, self.options.min_candidates)
             message, decision = await self.decider.run(
                 conversation, candidates, config, caller, emit=emit, on_token=on_token
             )

@@ -2,7 +2,9 @@
 
 Everything generated stays here: successful and failed candidates, their critiques,
 token usage and timings, and the decision. These models live in graph state (and so in a
-checkpointer), so they are plain pydantic models that serialise cleanly.
+checkpointer). Checkpoints hold them as plain data (:meth:`Candidate.to_plain`): built-in
+types and LangChain messages, which LangGraph's serializer restores without warnings, also
+with ``LANGGRAPH_STRICT_MSGPACK=true``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
 Strategy = Literal["fusion", "best_of_n"]
 """How the N candidates become one answer.
@@ -130,6 +132,38 @@ class Candidate(BaseModel):
     failed: it was then made by a call of its own (``attempts`` and ``latency_s`` count
     both)."""
 
+    _exception: BaseException | None = PrivateAttr(default=None)
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The original exception of a failed candidate, in the process that made it
+        (``None`` once the candidate comes back from a checkpoint: ``error`` keeps its type
+        name and message)."""
+        return self._exception
+
+    def with_exception(self, exc: BaseException | None) -> Candidate:
+        """This candidate, remembering ``exc`` as its :attr:`exception` (not serialised)."""
+        self._exception = exc
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        # The exception object is not part of a candidate's value (it does not survive a
+        # checkpoint, and exceptions do not compare equal).
+        if not isinstance(other, Candidate):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def to_plain(self) -> dict[str, Any]:
+        """The candidate as checkpoint-safe data (:meth:`from_plain` reverses it)."""
+        data = self.model_dump(exclude={"message"})
+        data["message"] = self.message  # LangGraph's serializer knows LangChain messages
+        return data
+
+    @classmethod
+    def from_plain(cls, data: Candidate | dict[str, Any]) -> Candidate:
+        """A candidate from :meth:`to_plain`'s data (a candidate is returned as it is)."""
+        return data if isinstance(data, Candidate) else cls.model_validate(data)
+
     @property
     def ok(self) -> bool:
         """Whether the candidate produced a reply."""
@@ -182,6 +216,15 @@ class Decision(BaseModel):
     """Tokens used by the decision calls (fusor or judges)."""
     latency_s: float = 0.0
     """Wall time of the decision, in seconds."""
+
+    def to_plain(self) -> dict[str, Any]:
+        """The decision as checkpoint-safe data (:meth:`from_plain` reverses it)."""
+        return self.model_dump()
+
+    @classmethod
+    def from_plain(cls, data: Decision | dict[str, Any]) -> Decision:
+        """A decision from :meth:`to_plain`'s data (a decision is returned as it is)."""
+        return data if isinstance(data, Decision) else cls.model_validate(data)
 
 
 @dataclass(frozen=True, kw_only=True)

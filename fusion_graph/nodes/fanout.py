@@ -25,6 +25,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import set_config_context
 
 from fusion_graph import events
+from fusion_graph.durable import Journal
 from fusion_graph.errors import NotEnoughCandidatesError
 from fusion_graph.events import EventSink
 from fusion_graph.hooks import CallInfo, current_hooks
@@ -47,6 +48,16 @@ class Generated:
     candidate: Candidate
     update: dict[str, Any] | None = None
     exception: Exception | None = None
+
+    def to_plain(self) -> dict[str, Any]:
+        """Checkpoint-safe data: the candidate (see :meth:`Candidate.to_plain`) and the
+        update (the node's own state values)."""
+        return {"candidate": self.candidate.to_plain(), "update": self.update}
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any]) -> Generated:
+        """What :meth:`to_plain` saved (the exception object is not saved)."""
+        return cls(candidate=Candidate.from_plain(data["candidate"]), update=data["update"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,9 +93,15 @@ class FanOut:
         """The generator of candidate ``index``."""
         return self.generators[index % len(self.generators)]
 
-    def seeds(self) -> list[int]:
-        """The seed of each candidate of one run (a fresh base when ``seed`` is None)."""
-        base = self.seed if self.seed is not None else random.randrange(2**31 - MAX_CANDIDATES)
+    def seeds(self, restored: dict[int, Generated] | None = None) -> list[int]:
+        """The seed of each candidate of one run: ``seed + i``, with a fresh base when
+        ``seed`` is None (the base of the restored candidates on a resume)."""
+        base = self.seed
+        for generated in (restored or {}).values():
+            if base is None and generated.candidate.seed is not None:
+                base = generated.candidate.seed - generated.candidate.index
+        if base is None:
+            base = random.randrange(2**31 - MAX_CANDIDATES)
         return [base + i for i in range(self.n)]
 
     def groups(self) -> tuple[dict[int, list[int]], list[int]]:
@@ -114,25 +131,73 @@ class FanOut:
     ) -> list[Generated]:
         """Every candidate (and its critique), concurrently; index order; failures recorded,
         never raised. ``source`` is what each generator is called with (the input, or the
-        state for a node); ``conversation`` is what critics and deciders are shown."""
+        state for a node); ``conversation`` is what critics and deciders are shown.
+
+        In a node of a checkpointed graph, finished candidates are saved as they finish and
+        a resumed run makes only the others (:mod:`fusion_graph.durable`)."""
         sink = emit or events.event_sink()
-        run = _Run(self, source, conversation, config, caller, sink, self.seeds())
-        groups, single = self.groups()
-        work: list[Awaitable[Generated | list[Generated]]] = [run.one(i) for i in single]
-        work += [run.group(self.generators[slot], indices) for slot, indices in groups.items()]
+        journal = Journal.of(config, sync=caller.sync)
+        restored = await _restored(journal)
+        for generated in restored.values():
+            sink(events.candidate_finished(generated.candidate))
+        run = _Run(self, source, conversation, config, caller, sink, self.seeds(restored))
+        work = [_saved(w, journal) for w in self._work(run, set(restored))]
         tasks = [asyncio.ensure_future(w) for w in work]
         try:
             done = await asyncio.gather(*tasks)
-        except BaseException:
+            if journal is not None:
+                await journal.flush()  # the decision that follows must not cost a candidate
+        except BaseException as exc:
             # Only control flow gets here (an interrupt(), a Command for the parent graph,
-            # Ctrl-C, a cancelled run): failures are data. Stop the siblings too.
+            # Ctrl-C, a cancelled run): failures are data. Stop the siblings too, and keep
+            # what finished for a resume.
             for task in tasks:
                 task.cancel()
+            if journal is not None:
+                await _keep(journal, exc)
             raise
-        results: list[Generated] = []
+        results = list(restored.values())
         for item in done:
-            results.extend(item if isinstance(item, list) else [item])
+            results.extend(item)
         return sorted(results, key=lambda g: g.candidate.index)
+
+    def _work(self, run: _Run, skip: set[int]) -> list[Awaitable[list[Generated]]]:
+        """One awaitable per call to make: a single candidate, or a multi-sample group."""
+        groups, single = self.groups()
+        work: list[Awaitable[list[Generated]]] = []
+        for indices in [[i] for i in single] + list(groups.values()):
+            todo = [i for i in indices if i not in skip]
+            if len(todo) == 1:
+                work.append(run.one(todo[0]))
+            elif todo:
+                work.append(run.group(self.generator(todo[0]), todo))
+        return work
+
+
+async def _restored(journal: Journal | None) -> dict[int, Generated]:
+    """The candidates an earlier attempt of this node finished, by index."""
+    if journal is None:
+        return {}
+    made = (Generated.from_plain(record) for record in await journal.read())
+    return {g.candidate.index: g for g in made}
+
+
+async def _saved(work: Awaitable[list[Generated]], journal: Journal | None) -> list[Generated]:
+    made = await work
+    if journal is not None:
+        journal.add([g.to_plain() for g in made])
+    return made
+
+
+async def _keep(journal: Journal, exc: BaseException) -> None:
+    """Save what finished before ``exc`` ends the fan-out (not when it is cancelled)."""
+    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+        journal.abandon()
+        return
+    try:
+        await journal.flush()
+    except BaseException:
+        journal.abandon()
 
 
 @dataclass(frozen=True)
@@ -154,7 +219,7 @@ class _Run:
         seed = self.seeds[index]
         return CallInfo(index=index, model=generator.name, seed=seed, temperature=temperature)
 
-    async def one(self, index: int) -> Generated:
+    async def one(self, index: int) -> list[Generated]:
         generator = self.fan_out.generator(index)
         seed = self.seeds[index]
         self.emit(events.candidate_started(index, generator.name))
@@ -167,7 +232,7 @@ class _Run:
             )
             made = _generated(generator, index, seed, result)
             done(made.candidate)
-        return await self._critiqued(made)
+        return [await self._critiqued(made)]
 
     async def group(self, generator: Generator, indices: list[int]) -> list[Generated]:
         model = generator.target
@@ -336,26 +401,24 @@ def _generated(
                 **base, message=message, text=message_text(message), usage=TokenUsage.of(message)
             )
             return Generated(candidate=candidate, update=update)
-    return Generated(candidate=Candidate(**base, error=ErrorInfo.of(error)), exception=error)
+    candidate = Candidate(**base, error=ErrorInfo.of(error)).with_exception(error)
+    return Generated(candidate=candidate, exception=error)
 
 
-def check_quorum(
-    candidates: Sequence[Candidate],
-    min_candidates: int,
-    exceptions: Sequence[Exception | None] = (),
-) -> None:
+def check_quorum(candidates: Sequence[Candidate], min_candidates: int) -> None:
     """Raise :class:`NotEnoughCandidatesError` when fewer than ``min_candidates``
-    succeeded; its ``exceptions`` are the original errors where known (``exceptions[i]``
-    for candidate ``i``), else rebuilt from the recorded :class:`ErrorInfo`."""
+    succeeded; its ``exceptions`` are the original errors where this process made the
+    candidate (:attr:`Candidate.exception`), else rebuilt from the recorded
+    :class:`ErrorInfo`."""
     ok = sum(c.ok for c in candidates)
     if ok >= min_candidates:
         return
     errors: list[Exception] = []
-    for i, candidate in enumerate(candidates):
+    for candidate in candidates:
         if candidate.ok:
             continue
-        exc = exceptions[i] if i < len(exceptions) else None
-        if exc is None:
+        exc = candidate.exception
+        if not isinstance(exc, Exception):
             detail = str(candidate.error) if candidate.error else "no reply"
             exc = RuntimeError(f"candidate {candidate.index} ({candidate.model}) failed: {detail}")
         errors.append(exc)
