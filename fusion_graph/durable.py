@@ -151,4 +151,3 @@ def _concurrent(future: asyncio.Future[Any]) -> concurrent.futures.Future[Any]:
 
     future.get_loop().call_soon_threadsafe(future.add_done_callback, settle)
     return result
-

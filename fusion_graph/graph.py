@@ -26,12 +26,12 @@ def _generate_node(step: FusionStep) -> Runnable[FusionState, dict[str, Any]]:
     def generate(state: FusionState, config: RunnableConfig) -> dict[str, Any]:
         conversation = state_messages(state)
         made = run_sync(lambda: step.generate(source(state), conversation, config, sync=True))
-        return {"candidates": made}
+        return {"candidates": [c.to_plain() for c in made]}
 
     async def agenerate(state: FusionState, config: RunnableConfig) -> dict[str, Any]:
         conversation = state_messages(state)
         made = await step.generate(source(state), conversation, config, sync=False)
-        return {"candidates": made}
+        return {"candidates": [c.to_plain() for c in made]}
 
     return RunnableLambda(generate, afunc=agenerate, name="generate")
 
@@ -42,12 +42,12 @@ def _decide_node(step: FusionStep, name: str) -> Runnable[FusionState, dict[str,
         message, decision = run_sync(
             lambda: step.decide(conversation, candidates, config, sync=True)
         )
-        return {"messages": [message], "decision": decision}
+        return {"messages": [message], "decision": decision.to_plain()}
 
     async def adecide(state: FusionState, config: RunnableConfig) -> dict[str, Any]:
         conversation, candidates = state_messages(state), state["candidates"]
         message, decision = await step.decide(conversation, candidates, config, sync=False)
-        return {"messages": [message], "decision": decision}
+        return {"messages": [message], "decision": decision.to_plain()}
 
     return RunnableLambda(decide, afunc=adecide, name=name)
 

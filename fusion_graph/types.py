@@ -24,6 +24,16 @@ Strategy = Literal["fusion", "best_of_n"]
 """
 
 
+class Plain(dict[str, Any]):
+    """A model as plain data (what a checkpoint stores: serialised as a plain ``dict``) that,
+    in the process that made it, still knows the object it came from (``source``), so
+    in-memory state keeps the very same object, and with it what is not serialised."""
+
+    __slots__ = ("source",)
+
+    source: object
+
+
 class TokenUsage(BaseModel):
     """Token counts as reported by the model (zero when the model reports none)."""
 
@@ -155,13 +165,16 @@ class Candidate(BaseModel):
 
     def to_plain(self) -> dict[str, Any]:
         """The candidate as checkpoint-safe data (:meth:`from_plain` reverses it)."""
-        data = self.model_dump(exclude={"message"})
+        data = Plain(self.model_dump(exclude={"message"}))
         data["message"] = self.message  # LangGraph's serializer knows LangChain messages
+        data.source = self
         return data
 
     @classmethod
     def from_plain(cls, data: Candidate | dict[str, Any]) -> Candidate:
         """A candidate from :meth:`to_plain`'s data (a candidate is returned as it is)."""
+        if isinstance(data, Plain) and isinstance(data.source, Candidate):
+            return data.source  # in the process that made it: the same object
         return data if isinstance(data, Candidate) else cls.model_validate(data)
 
     @property
@@ -219,11 +232,15 @@ class Decision(BaseModel):
 
     def to_plain(self) -> dict[str, Any]:
         """The decision as checkpoint-safe data (:meth:`from_plain` reverses it)."""
-        return self.model_dump()
+        data = Plain(self.model_dump())
+        data.source = self
+        return data
 
     @classmethod
     def from_plain(cls, data: Decision | dict[str, Any]) -> Decision:
         """A decision from :meth:`to_plain`'s data (a decision is returned as it is)."""
+        if isinstance(data, Plain) and isinstance(data.source, Decision):
+            return data.source
         return data if isinstance(data, Decision) else cls.model_validate(data)
 
 
