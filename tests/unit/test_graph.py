@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, MessagesState, StateGraph
+from pydantic import SkipValidation
 
 from fusion_graph import (
     Candidate,
@@ -268,3 +272,119 @@ def test_candidates_of_a_failed_fusor_step_graph_resume_without_regenerating(mod
     out = _invoke(mode, app, None, config)  # resume from the checkpoint
     assert out["messages"][-1].content == "fused"
     assert len(rec.by_role("generator")) == 3  # no candidate regenerated
+
+
+class Overloaded(Exception):
+    """An upstream failure of the caller's own type."""
+
+
+def test_subgraph_quorum_error_carries_the_original_exceptions(mode: Mode) -> None:
+    gen = FakeChatModel(replies=[Overloaded("busy")])
+    app = create_fusion_graph(gen, n=2, strategy="fusion", fusor=FakeChatModel()).compile()
+    caught: list[BaseException] = []
+    try:
+        _invoke(mode, app, {"messages": [("user", "q")]})
+    except* Overloaded as group:  # as for a wrapped model's .invoke
+        caught = list(group.exceptions)
+    assert [type(e) for e in caught] == [Overloaded, Overloaded]
+    assert [str(e) for e in caught] == ["busy", "busy"]
+
+
+def test_subgraph_checkpoints_plain_data_and_history_restores_without_warnings(
+    mode: Mode, caplog: pytest.LogCaptureFixture
+) -> None:
+    graph = create_fusion_graph(
+        FakeChatModel(replies=["a", "b", "a"]), n=3, strategy="best_of_n", selector=MajorityVote()
+    )
+    app = graph.compile(checkpointer=InMemorySaver())
+    config: RunnableConfig = {"configurable": {"thread_id": "plain"}}
+    _invoke(mode, app, {"messages": [("user", "q")]}, config)
+    saved = app.checkpointer.get_tuple(config)  # type: ignore[union-attr]
+    assert saved is not None
+    values = saved.checkpoint["channel_values"]
+    assert all(type(c) is dict for c in values["candidates"])
+    assert type(values["decision"]) is dict
+    with caplog.at_level("WARNING"):
+        history = list(app.get_state_history(config))
+    assert "unregistered" not in caplog.text
+    latest = history[0].values
+    assert [type(c) for c in latest["candidates"]] == [Candidate] * 3
+    assert isinstance(latest["decision"], Decision)
+    assert latest["decision"].selected_index == 0
+
+
+class Crash(GraphBubbleUp):
+    """Ends the run mid fan-out, like a crash (control flow: never a failed candidate)."""
+
+
+class _Crashing(FakeChatModel):
+    """While ``crashing``, raises :class:`Crash` once ``saved()`` says the other candidates
+    are saved in the checkpointer; answers normally afterwards."""
+
+    saved: SkipValidation[Callable[[], int]]
+    wanted: int
+    crashing: bool = True
+
+    def _generate(
+        self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> Any:
+        if self.crashing:
+            deadline = time.monotonic() + 10  # so a fan-out that saves nothing fails, not hangs
+            while self.saved() < self.wanted and time.monotonic() < deadline:
+                time.sleep(0.005)
+            raise Crash
+        return super()._generate(messages, stop, run_manager, **kwargs)
+
+    async def _agenerate(
+        self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> Any:
+        if self.crashing:
+            deadline = time.monotonic() + 10
+            while self.saved() < self.wanted and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            raise Crash
+        return await super()._agenerate(messages, stop, run_manager, **kwargs)
+
+
+def _saved_candidates(saver: InMemorySaver, config: RunnableConfig) -> Callable[[], int]:
+    """How many finished candidates the thread's latest checkpoint holds as task results."""
+
+    def count() -> int:
+        saved = saver.get_tuple(config)
+        writes = saved.pending_writes if saved is not None else []
+        return sum(len(value) for _, channel, value in writes or [] if isinstance(value, list))
+
+    return count
+
+
+def test_wrapped_model_in_a_checkpointed_node_resumes_only_unfinished_candidates(
+    mode: Mode,
+) -> None:
+    saver = InMemorySaver()
+    config: RunnableConfig = {"configurable": {"thread_id": f"model-{mode.name}"}}
+    rec = CallRecorder()
+    fast = FakeChatModel(replies=["Paris"], recorder=rec)
+    crasher = _Crashing(
+        replies=["Lyon"], recorder=rec, saved=_saved_candidates(saver, config), wanted=4
+    )
+    fused = best_of_n([fast, fast, crasher], n=6, selector=MajorityVote())  # 2 and 5 crash
+
+    def node(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [fused.invoke(state["messages"])]}
+
+    async def anode(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await fused.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", node if mode.sync else anode)
+    builder.add_edge(START, "ask")
+    app = builder.compile(checkpointer=saver)
+    with pytest.raises(Crash):
+        _invoke(mode, app, {"messages": [("user", "q")]}, config)
+    made = sorted(c.index for c in rec.by_role("generator"))
+    rec.calls.clear()
+    crasher.crashing = False
+    out = _invoke(mode, app, None, config)
+    assert made == [0, 1, 3, 4]  # 2 and 5 crashed mid fan-out
+    assert sorted(c.index for c in rec.by_role("generator")) == [2, 5]  # only the unfinished
+    assert out["messages"][-1].content == "Paris"
