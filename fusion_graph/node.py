@@ -7,10 +7,11 @@ Control flow inside a candidate
     graph (``ParentCommand``) ends the step at once: the exception propagates, the
     candidates still running are abandoned (their results are dropped) and no decision is
     made. On resume (``Command(resume=...)``, with a checkpointer) LangGraph runs the node
-    again from the start, as it does for any node, so every candidate is made again; resume
-    values go to ``interrupt()`` calls in the order they are reached (LangGraph's rule for
-    several ``interrupt()`` calls in one node). So when k candidates interrupt, the step
-    completes after k resumes. To ask a human once per step, call ``interrupt()`` in a node
+    again from the start, as it does for any node; the candidates that had finished are
+    read back from the checkpointer (:mod:`fusion_graph.durable`) and the others are made
+    again; resume values go to ``interrupt()`` calls in the order they are reached
+    (LangGraph's rule for several ``interrupt()`` calls in one node). So when k candidates
+    interrupt, the step completes after at most k resumes. To ask a human once per step, call ``interrupt()`` in a node
     of its own before or after the wrapped one. A candidate that *returns* a ``Command``
     is a candidate like any other (its ``update`` holds the reply): the node returns the
     winner's Command (for a fusion, the first successful candidate's) with the answer in
