@@ -55,6 +55,7 @@ from fusion_graph.nodes.select import RewardFn
 from fusion_graph.options import FusionOptions
 from fusion_graph.prompts import FUSION_PROMPT, PromptTemplate
 from fusion_graph.runtime import INDEX_KEY, model_name, reraise_aborted, run_sync
+from fusion_graph.state import CandidatesChannel, DecisionChannel
 from fusion_graph.step import FusionStep
 from fusion_graph.types import Candidate, Decision, FusionResult
 from fusion_graph.wrap import StepOptions
@@ -89,8 +90,8 @@ AsyncHandler = Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]]
 class FusionAgentState(AgentState[Any]):
     """The agent state with the last model step's candidates and decision."""
 
-    fusion_candidates: NotRequired[Annotated[list[Candidate], OmitFromInput]]
-    fusion_decision: NotRequired[Annotated[Decision, OmitFromInput]]
+    fusion_candidates: NotRequired[Annotated[list[Candidate], CandidatesChannel, OmitFromInput]]
+    fusion_decision: NotRequired[Annotated[Decision, DecisionChannel, OmitFromInput]]
 
 
 def _response(result: Any) -> ModelResponse[Any]:
@@ -220,7 +221,10 @@ class _FanOutMiddleware(AgentMiddleware[FusionAgentState, Any, Any]):
         chosen = _ai(response)
         messages = [result.message if m is chosen else m for m in response.result]
         answer = ModelResponse(result=messages, structured_response=response.structured_response)
-        update = {CANDIDATES_KEY: list(result.candidates), DECISION_KEY: decision}
+        update = {
+            CANDIDATES_KEY: [c.to_plain() for c in result.candidates],
+            DECISION_KEY: decision.to_plain(),
+        }
         return ExtendedModelResponse(model_response=answer, command=Command(update=update))
 
     def wrap_model_call(

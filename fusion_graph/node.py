@@ -11,11 +11,11 @@ Control flow inside a candidate
     read back from the checkpointer (:mod:`fusion_graph.durable`) and the others are made
     again; resume values go to ``interrupt()`` calls in the order they are reached
     (LangGraph's rule for several ``interrupt()`` calls in one node). So when k candidates
-    interrupt, the step completes after at most k resumes. To ask a human once per step, call ``interrupt()`` in a node
-    of its own before or after the wrapped one. A candidate that *returns* a ``Command``
-    is a candidate like any other (its ``update`` holds the reply): the node returns the
-    winner's Command (for a fusion, the first successful candidate's) with the answer in
-    its update.
+    interrupt, the step completes after at most k resumes. To ask a human once per step,
+    call ``interrupt()`` in a node of its own before or after the wrapped one. A candidate
+    that *returns* a ``Command`` is a candidate like any other (its ``update`` holds the
+    reply): the node returns the winner's Command (for a fusion, the first successful
+    candidate's) with the answer in its update.
 """
 
 from __future__ import annotations
