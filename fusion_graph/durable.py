@@ -11,12 +11,15 @@ only the others. This works wherever the fan-out runs inside a node of a checkpo
 graph: the subgraph's ``generate`` node, a wrapped node, or a wrapped model called in a node.
 
 Why one record per batch of finished candidates, not one task (or ``Send``) per candidate,
-measured on this machine with 100 ms calls (``python -m benchmarks.durable``): a task costs
-about 0.3 ms of LangGraph scheduling, paid one after another, and which candidates a resume
-can skip is only known once a candidate's task is scheduled. So per-candidate tasks delay
-the last candidate's start by N x 0.3 ms and then commit N times at the end: +8 ms at N=16
-and +30-40 ms at N=64 over the in-node fan-out. The journal costs one probe before the
-candidates start and one record per batch of candidates that finish together.
+measured on this machine with 100 ms calls: a task costs about 0.3 ms of LangGraph
+scheduling, paid one after another, and which candidates a resume can skip is only known once
+a candidate's task is scheduled; so one ``@task`` per candidate (tried: the task body awaiting
+the candidate) delayed the last candidate's start by N x 0.3 ms and committed N times at the
+end, +8 ms at N=16 and +37 ms at N=64 over the in-node fan-out (async). A ``Send`` per
+candidate is slower still (``python -m benchmarks.durable``: 1.3-1.5x ours async at N=64, and
+on the sync path LangGraph's own thread pool of ``cpu_count + 4`` runs them six at a time).
+The journal costs one probe before the candidates start (about 1 ms) and one record per
+batch: candidates that finish within :data:`LINGER_S` of each other share one.
 
 What stays with the fan-out rather than with LangGraph: a candidate's retries and timeout
 (:class:`~fusion_graph.runtime.Caller`: per-attempt timeouts, ``Retry-After``, attempts kept
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +44,10 @@ from langgraph.constants import CONFIG_KEY_CHECKPOINTER
 from langgraph.func import task
 
 log = logging.getLogger(__name__)
+
+LINGER_S = 0.005
+"""How long a finished candidate waits for others to be saved with it: candidates that finish
+together (a multi-sample call, a fan-out of equal calls) then cost one record, not one each."""
 
 
 @dataclass
@@ -76,6 +84,8 @@ class Journal:
         self._sync = sync
         self._pending: list[Any] = []
         self._writer: asyncio.Task[None] | None = None
+        self._saving = False  # a record task is running in LangGraph
+        self._now = asyncio.Event()  # save without lingering
 
     @classmethod
     def of(cls, config: RunnableConfig, *, sync: bool) -> Journal | None:
@@ -95,28 +105,36 @@ class Journal:
             records.extend(saved or [])
 
     def add(self, records: list[Any]) -> None:
-        """Save ``records`` (plain data) soon, in the background."""
+        """Save ``records`` (plain data) soon, in the background: after at most
+        :data:`LINGER_S`, together with whatever else finishes meanwhile."""
         self._pending.extend(records)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())
 
     async def flush(self) -> None:
         """Wait until everything added so far is saved."""
+        self._now.set()
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
 
-    def abandon(self) -> None:
-        """Stop saving (the run is being cancelled)."""
-        if self._writer is not None:
+    def discard(self) -> None:
+        """Save nothing more that is not being saved already (the caller saves it, or the
+        run is cancelled)."""
+        if self._writer is not None and not self._saving:
             self._writer.cancel()
 
     async def _write(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._now.wait(), LINGER_S)
         while self._pending:
             batch, self._pending = self._pending, []
+            self._saving = True
             try:
                 await self._call(_Entry(batch))
             except Exception:  # a lost record costs a regeneration on resume, not the run
                 log.warning("could not save %d finished candidate(s)", len(batch), exc_info=True)
+            finally:
+                self._saving = False
 
     async def _call(self, entry: _Entry) -> Any:
         # An async run calls the async task (no thread hop on the graph's loop); a sync

@@ -109,7 +109,7 @@ class FusionStep:
         report = RunReport()
         with current_hooks().run(self.run_info("generate", conversation), report):
             made = await self.fan_out.generate(
-                source, conversation, config, caller=self.caller(sync=sync)
+                source, conversation, config, caller=self.caller(sync=sync), save_last=False
             )
             report.candidates = [g.candidate for g in made]
         return list(report.candidates)

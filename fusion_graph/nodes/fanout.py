@@ -128,25 +128,40 @@ class FanOut:
         *,
         caller: Caller,
         emit: EventSink | None = None,
+        save_last: bool = True,
     ) -> list[Generated]:
         """Every candidate (and its critique), concurrently; index order; failures recorded,
         never raised. ``source`` is what each generator is called with (the input, or the
         state for a node); ``conversation`` is what critics and deciders are shown.
 
         In a node of a checkpointed graph, finished candidates are saved as they finish and
-        a resumed run makes only the others (:mod:`fusion_graph.durable`)."""
+        a resumed run makes only the others (:mod:`fusion_graph.durable`). ``save_last=False``
+        when the node returns the candidates at once (LangGraph then saves them itself): the
+        last ones to finish are not saved separately, and nothing is waited for."""
         sink = emit or events.event_sink()
         journal = Journal.of(config, sync=caller.sync)
         restored = await _restored(journal)
         for generated in restored.values():
             sink(events.candidate_finished(generated.candidate))
         run = _Run(self, source, conversation, config, caller, sink, self.seeds(restored))
-        work = [_saved(w, journal) for w in self._work(run, set(restored))]
-        tasks = [asyncio.ensure_future(w) for w in work]
+        work = self._work(run, set(restored))
+        unsaved = len(work)
+
+        async def saved(unit: Awaitable[list[Generated]]) -> list[Generated]:
+            nonlocal unsaved
+            made = await unit
+            unsaved -= 1
+            if journal is not None and (save_last or unsaved):
+                journal.add([g.to_plain() for g in made])
+            return made
+
+        tasks = [asyncio.ensure_future(saved(unit)) for unit in work]
         try:
             done = await asyncio.gather(*tasks)
-            if journal is not None:
-                await journal.flush()  # the decision that follows must not cost a candidate
+            if journal is not None and save_last:
+                await journal.flush()  # what follows in the node must not cost a candidate
+            elif journal is not None:
+                journal.discard()  # the node returns them all now
         except BaseException as exc:
             # Only control flow gets here (an interrupt(), a Command for the parent graph,
             # Ctrl-C, a cancelled run): failures are data. Stop the siblings too, and keep
@@ -182,22 +197,15 @@ async def _restored(journal: Journal | None) -> dict[int, Generated]:
     return {g.candidate.index: g for g in made}
 
 
-async def _saved(work: Awaitable[list[Generated]], journal: Journal | None) -> list[Generated]:
-    made = await work
-    if journal is not None:
-        journal.add([g.to_plain() for g in made])
-    return made
-
-
 async def _keep(journal: Journal, exc: BaseException) -> None:
     """Save what finished before ``exc`` ends the fan-out (not when it is cancelled)."""
     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-        journal.abandon()
+        journal.discard()
         return
     try:
         await journal.flush()
     except BaseException:
-        journal.abandon()
+        journal.discard()
 
 
 @dataclass(frozen=True)
