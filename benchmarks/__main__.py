@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import orchestration
+from benchmarks import durable, orchestration
 
 HERE = Path(__file__).parent
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python -m benchmarks{' --quick' if args.quick else ''}`.",
     ]
 
-    print("1/4 overhead vs ideal ...", file=sys.stderr)
+    print("1/5 overhead vs ideal ...", file=sys.stderr)
     rows = orchestration.overhead(sizes, latency=latency, repeats=repeats)
     sections += [
         f"## 1. Overhead vs the ideal (model calls simulated at {latency * 1000:.0f} ms)",
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, plot_path)
     sections.append(f"![overhead]({plot_path.name})")
 
-    print("2/4 CPU and memory ...", file=sys.stderr)
+    print("2/5 CPU and memory ...", file=sys.stderr)
     cpu = orchestration.cpu_cost(n=16 if args.quick else 64, runs=3 if args.quick else 20)
     mem = orchestration.memory(sizes if args.quick else [4, 16, 64, 256])
     sections += [
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
 
-    print("3/4 tracing cost ...", file=sys.stderr)
+    print("3/5 tracing cost ...", file=sys.stderr)
     tracing = orchestration.tracing_cost(
         n=4 if args.quick else 16, latency=latency, repeats=repeats
     )
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{tracing['cpu_extra'] * 100:+.0f} % |",
         ]
 
-    print("4/4 embedded model ...", file=sys.stderr)
+    print("4/5 embedded model ...", file=sys.stderr)
     if args.no_local:
         sections += ["## 4. Embedded model", "Skipped (--no-local)."]
     else:
@@ -162,6 +162,17 @@ def main(argv: list[str] | None = None) -> int:
             "Target: N=4 candidates <= 2.5 x the wall time of one candidate.",
             local_model.to_markdown(local_rows),
         ]
+
+    print("5/5 durable fan-out ...", file=sys.stderr)
+    durable_rows = durable.measure(
+        [2] if args.quick else durable.SIZES, latency=latency, repeats=repeats
+    )
+    sections += [
+        "## 5. Durable fan-out: the cost of a checkpointer",
+        durable.legend(latency) + " Standalone: `python -m benchmarks.durable` "
+        "(writes [durable.md](durable.md)).",
+        durable.to_markdown(durable_rows),
+    ]
 
     sections.append(f"Total benchmark time: {time.perf_counter() - started:.0f} s.")
     text = "\n\n".join(sections) + "\n"
