@@ -85,6 +85,7 @@ class Journal:
         self._pending: list[Any] = []
         self._writer: asyncio.Task[None] | None = None
         self._saving = False  # a record task is running in LangGraph
+        self._off = False  # no task can be called with this config
         self._now = asyncio.Event()  # save without lingering
 
     @classmethod
@@ -99,7 +100,12 @@ class Journal:
         records: list[Any] = []
         while True:
             entry = _Entry(None)
-            saved = await self._call(entry)
+            try:
+                saved = await self._call(entry)
+            except (RuntimeError, KeyError) as exc:  # a config that is not a running node's
+                log.debug("not saving finished candidates: %s", exc)
+                self._off = True
+                return records
             if entry.ran:  # nothing was saved at this position: the end of the journal
                 return records
             records.extend(saved or [])
@@ -107,6 +113,8 @@ class Journal:
     def add(self, records: list[Any]) -> None:
         """Save ``records`` (plain data) soon, in the background: after at most
         :data:`LINGER_S`, together with whatever else finishes meanwhile."""
+        if self._off:
+            return
         self._pending.extend(records)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())

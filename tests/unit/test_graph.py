@@ -388,3 +388,11 @@ def test_wrapped_model_in_a_checkpointed_node_resumes_only_unfinished_candidates
     assert made == [0, 1, 3, 4]  # 2 and 5 crashed mid fan-out
     assert sorted(c.index for c in rec.by_role("generator")) == [2, 5]  # only the unfinished
     assert out["messages"][-1].content == "Paris"
+
+
+def test_a_checkpointer_in_a_config_outside_a_graph_run_is_ignored(mode: Mode) -> None:
+    from langgraph.constants import CONFIG_KEY_CHECKPOINTER
+
+    fused = best_of_n(FakeChatModel(replies=["a", "b", "a"]), n=3, selector=MajorityVote())
+    config: RunnableConfig = {"configurable": {CONFIG_KEY_CHECKPOINTER: InMemorySaver()}}
+    assert mode.invoke(fused, "q", config).content == "a"  # no graph to save into: no journal
