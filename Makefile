@@ -11,7 +11,7 @@ PHOENIX_VENV := .venv-phoenix
 STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 QUESTION ?= What is the capital of France, and what is it famous for?
 
-.PHONY: setup demo test test-fast test-server lint typecheck bench bench-vllm clean phoenix vllm
+.PHONY: setup demo test test-fast test-server lint typecheck bench bench-vllm clean phoenix vllm postgres
 
 setup: $(STAMP)
 
@@ -47,10 +47,23 @@ $(PHOENIX_VENV)/.installed:
 vllm: setup
 	bash scripts/vllm_env.sh
 
-test: lint typecheck phoenix vllm
+# PostgreSQL's server binaries (initdb, postgres, pg_ctl) for the durable fan-out tests
+# (tests/durable start a server of their own on loopback): Debian's package, if missing.
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL server binaries: found"; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+		else echo "PostgreSQL is missing: install the 'postgresql' package as root" >&2; exit 1; fi; \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+	fi
+
+test: lint typecheck phoenix vllm postgres
 	$(BIN)/python -m pytest
 
-test-server: setup phoenix vllm
+test-server: setup phoenix vllm postgres
 	$(BIN)/python -m pytest -m server
 
 bench-vllm: setup vllm
