@@ -13,6 +13,7 @@ import typer
 from fusion_graph import __version__
 from fusion_graph.cli.ask import ask
 from fusion_graph.cli.batch import eval_command, synth
+from fusion_graph.cli.serve import serve
 
 app = typer.Typer(
     help="Inference-time scaling for LLM steps: Fusion-of-N and Best-of-N from the shell.",
@@ -41,6 +42,7 @@ def _main(
 app.command()(ask)
 app.command("synth")(synth)
 app.command("eval")(eval_command)
+app.command("serve")(serve)
 
 
 def main() -> None:
