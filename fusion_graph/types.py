@@ -142,16 +142,16 @@ class Candidate(BaseModel):
     failed: it was then made by a call of its own (``attempts`` and ``latency_s`` count
     both)."""
 
-    _exception: BaseException | None = PrivateAttr(default=None)
+    _exception: Exception | None = PrivateAttr(default=None)
 
     @property
-    def exception(self) -> BaseException | None:
+    def exception(self) -> Exception | None:
         """The original exception of a failed candidate, in the process that made it
         (``None`` once the candidate comes back from a checkpoint: ``error`` keeps its type
         name and message)."""
         return self._exception
 
-    def with_exception(self, exc: BaseException | None) -> Candidate:
+    def with_exception(self, exc: Exception | None) -> Candidate:
         """This candidate, remembering ``exc`` as its :attr:`exception` (not serialised)."""
         self._exception = exc
         return self

@@ -43,11 +43,15 @@ context window, and the fan-out is better split into several runs."""
 
 @dataclass(frozen=True, kw_only=True)
 class Generated:
-    """A candidate plus what is not state: the node's full update and the raw error."""
+    """A candidate plus what is not state: the node's full update."""
 
     candidate: Candidate
     update: dict[str, Any] | None = None
-    exception: Exception | None = None
+
+    @property
+    def exception(self) -> Exception | None:
+        """The candidate's original exception (see :attr:`Candidate.exception`)."""
+        return self.candidate.exception
 
     def to_plain(self) -> dict[str, Any]:
         """Checkpoint-safe data: the candidate (see :meth:`Candidate.to_plain`) and the
@@ -348,11 +352,7 @@ class _Run:
             )
             made = _generated(generator, index, seed, total)
             update = {"multi_sample_error": group_error}
-            return Generated(
-                candidate=made.candidate.model_copy(update=update),
-                update=made.update,
-                exception=made.exception,
-            )
+            return Generated(candidate=made.candidate.model_copy(update=update), update=made.update)
 
         return list(await asyncio.gather(*(one(i) for i in indices)))
 
@@ -410,7 +410,7 @@ def _generated(
             )
             return Generated(candidate=candidate, update=update)
     candidate = Candidate(**base, error=ErrorInfo.of(error)).with_exception(error)
-    return Generated(candidate=candidate, exception=error)
+    return Generated(candidate=candidate)
 
 
 def check_quorum(candidates: Sequence[Candidate], min_candidates: int) -> None:
@@ -426,7 +426,7 @@ def check_quorum(candidates: Sequence[Candidate], min_candidates: int) -> None:
         if candidate.ok:
             continue
         exc = candidate.exception
-        if not isinstance(exc, Exception):
+        if exc is None:
             detail = str(candidate.error) if candidate.error else "no reply"
             exc = RuntimeError(f"candidate {candidate.index} ({candidate.model}) failed: {detail}")
         errors.append(exc)
