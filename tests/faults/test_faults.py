@@ -374,7 +374,10 @@ def measure_growth(sync: bool) -> dict[str, Any]:
                 assert [c.index for c in result.candidates if c.ok] == SURVIVORS
                 assert server.wait_idle()
 
-        runs(WARM_UP)
+        # RSS takes a one-time step in the first few hundred runs (the allocator's arenas
+        # and thread stacks settling, the same after 100 or 400 runs), so growth is
+        # measured over a second batch of RUNS: a leak grows it, a settled heap does not.
+        runs(WARM_UP + RUNS)
         gc.collect()
         before, twins = rss_mb(), len(openai_compat._LOOP_TWINS)
         runs(RUNS)
