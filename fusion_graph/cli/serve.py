@@ -3,14 +3,20 @@ uvicorn, in front of one upstream model spec.
 
 It binds loopback by default. A non-loopback ``--host`` needs ``--api-key-env``: the
 server then requires ``Authorization: Bearer <key>`` on every ``/v1`` request. Keys and
-request content are never printed or logged.
+request content are never printed or logged, nor traced (content only when
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`` asks for it).
+
+Tracing (the ``otel`` extra) is on with ``--trace-endpoint URL``, or when the standard
+``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` variables name a
+collector: each request is one SERVER span with the run's spans under it, sent over
+OTLP/HTTP by :func:`~fusion_graph.integrations.opentelemetry.configure_otlp`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -47,6 +53,45 @@ def _api_key(api_key_env: str | None, host: str) -> str | None:
     return key.strip()
 
 
+_OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def tracing_wanted(trace_endpoint: str | None) -> bool:
+    """Whether to trace: ``--trace-endpoint`` was given, or a standard OTLP endpoint
+    variable is set (unless ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``)."""
+    if trace_endpoint:
+        return True
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    return any(os.environ.get(name, "").strip() for name in _OTLP_ENDPOINT_VARIABLES)
+
+
+def _start_tracing(endpoint: str | None, project: str | None) -> Any:
+    try:
+        from fusion_graph.integrations.opentelemetry import configure_otlp
+    except ImportError as exc:
+        msg = "Tracing needs the OpenTelemetry extra: `pip install 'fusion-graph[otel]'`."
+        raise CliError(msg, code=2) from exc
+    service = os.environ.get("OTEL_SERVICE_NAME", "").strip() or "fusion-graph"
+    return configure_otlp(endpoint, service_name=service, project=project)
+
+
+def _finish_tracing(provider: Any) -> None:
+    """Send the spans still queued and say once, in a sentence, if some could not be sent."""
+    from fusion_graph.integrations.opentelemetry import trace_delivery
+
+    provider.force_flush()
+    provider.shutdown()
+    delivery = trace_delivery(provider)
+    if delivery is not None and delivery.failed:
+        err.print(
+            f"[yellow]Traces were lost:[/] {escape(delivery.endpoint)} did not accept "
+            f"{delivery.failed} span(s). Is the collector running (e.g. Phoenix on :6006)?"
+        )
+
+
 def serve(
     upstream: Annotated[str, typer.Option(help=f"The upstream model spec. {SPEC_HELP}")] = "local",
     host: Annotated[
@@ -71,7 +116,12 @@ def serve(
         int, typer.Option(min=1, help="Most max_tokens a request may ask for, per call.")
     ] = 1024,
     default_max_tokens: Annotated[
-        int, typer.Option(min=1, help="Tokens per call when a request does not say.")
+        int,
+        typer.Option(
+            min=1,
+            help="Tokens per call when a request does not say (a plain model name to an "
+            "openai: or vllm: upstream goes up as it came).",
+        ),
     ] = 256,
     max_in_flight: Annotated[
         int, typer.Option(min=1, help="Requests served at once; more wait in the queue.")
@@ -97,14 +147,27 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="uvicorn's log level (critical, error, warning, info, debug).")
     ] = "info",
+    trace_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Trace every request over OTLP/HTTP to this base URL, e.g. "
+            "http://127.0.0.1:6006 for Phoenix (needs the otel extra): one SERVER span per "
+            "request, the run's spans under it, no content or keys. Without it, tracing is on when "
+            "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set."
+        ),
+    ] = None,
+    trace_project: Annotated[
+        str | None, typer.Option(help="Project name for Phoenix (openinference.project.name).")
+    ] = None,
 ) -> None:
     """Serve Best-of-N and Fusion-of-N behind an OpenAI-compatible API.
 
     POST /v1/chat/completions (JSON and stream: true), GET /v1/models, GET /health. The
     request's model picks the strategy: fusion-4/MODEL, bon-8-judge/MODEL, bon-4-vote/MODEL,
     vote-5/MODEL (append -critic to critique each candidate); a plain MODEL passes through
-    (one upstream call). Or send {"fusion_graph": {"strategy", "n", "selector", "critic"}}
-    in the body (the openai client's extra_body).
+    (one upstream call; to an openai: or vllm: upstream the request goes up raw and its
+    answer comes back untouched, n and logprobs included). Or send {"fusion_graph":
+    {"strategy", "n", "selector", "critic"}} in the body (the openai client's extra_body).
     """
     import uvicorn
 
@@ -126,6 +189,11 @@ def serve(
             temperature=temperature,
             min_candidates=min_candidates,
         )
+        provider = (
+            _start_tracing(trace_endpoint, trace_project)
+            if tracing_wanted(trace_endpoint)
+            else None
+        )
     except CliError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.code) from None
@@ -135,14 +203,19 @@ def serve(
     except (ImportError, FileNotFoundError) as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
-    app = create_app(served, limits=limits, api_key=key)
+    app = create_app(served, limits=limits, api_key=key, tracer_provider=provider)
     names = ", ".join(served.names)
     auth = "Bearer key required" if key else "no API key"
-    err.print(f"Serving {escape(names)} on http://{host}:{port}/v1 ({auth})")
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=graceful_shutdown_s,
-    )
+    traced = ", traced" if provider is not None else ""
+    err.print(f"Serving {escape(names)} on http://{host}:{port}/v1 ({auth}{traced})")
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=graceful_shutdown_s,
+        )
+    finally:
+        if provider is not None:
+            _finish_tracing(provider)

@@ -3,7 +3,8 @@
 :func:`create_app` makes the ASGI app (FastAPI) for one upstream; mount it in your own
 server or run it with ``fusion-graph serve --upstream SPEC``. The strategy of each request
 comes from its model name (``fusion-4/MODEL``, ``bon-8-judge/MODEL``, ``vote-5/MODEL``; a
-plain ``MODEL`` passes through) or its ``fusion_graph`` object: see
+plain ``MODEL`` passes through: to an ``openai:`` / ``vllm:`` upstream as raw HTTP, see
+:mod:`fusion_graph.serve.forward`) or its ``fusion_graph`` object: see
 :mod:`fusion_graph.serve.strategy`.
 
 Install with ``pip install 'fusion-graph[serve]'`` (FastAPI and uvicorn).

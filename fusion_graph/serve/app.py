@@ -3,18 +3,28 @@
 
 Mount it in your own ASGI server, or run it with ``fusion-graph serve``. A request's
 strategy comes from its model name and its ``fusion_graph`` object
-(:mod:`fusion_graph.serve.strategy`); a plain model name passes through (one upstream
-call). Each request takes a turn of the server's admission control before it calls the
-upstream (429 when full), and its upstream work is cancelled when the client goes away.
+(:mod:`fusion_graph.serve.strategy`); a plain model name passes through: one upstream call,
+forwarded raw to an OpenAI-compatible upstream (:mod:`fusion_graph.serve.forward`), through
+the chat model otherwise. Each request takes a turn of the server's admission control
+before it calls the upstream (429 when full), and its upstream work is cancelled when the
+client goes away.
+
+Traced, when a tracer provider is given (or set globally): each ``/v1`` request is one
+OpenTelemetry span of kind SERVER, ``POST /v1/chat/completions``, made by FastAPI's own
+telemetry (HTTP attributes: method, route, path, status code; a caller's ``traceparent`` is
+continued), with the run's spans (:mod:`fusion_graph.integrations.opentelemetry`) under
+it. The request's span records no header, body or key (the run's record content only when
+asked); ``/health`` is not traced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,12 +32,13 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
 from fusion_graph.models import ModelSpec
-from fusion_graph.serve.admission import Admission, Overloaded
+from fusion_graph.serve.admission import Admission, Overloaded, Turn
+from fusion_graph.serve.connection import ClientDisconnected, ResponseWithTurn, unless_disconnected
 from fusion_graph.serve.errors import ServeError, bad_request, upstream_failure
+from fusion_graph.serve.forward import Forwarder, forward
 from fusion_graph.serve.guards import BearerAuth, BodySizeLimit
 from fusion_graph.serve.limits import ServeLimits
 from fusion_graph.serve.openai_format import ChatCompletionRequest, completion_body, completion_id
@@ -42,12 +53,10 @@ from fusion_graph.serve.upstream import Upstream
 from fusion_graph.types import TokenUsage
 from fusion_graph.wrap import FusionRunnable
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
 logger = logging.getLogger("fusion_graph.serve")
-T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client closed its connection before the answer was ready."""
 
 
 @dataclass(frozen=True)
@@ -61,26 +70,12 @@ class PreparedRequest:
     request's call options and tools bound."""
 
 
-class _ResponseWithTurn(StreamingResponse):
-    """A streamed response that gives its admission turn back when it is over, however it
-    ends (finished, client gone, never started)."""
-
-    def __init__(self, content: Any, *, on_close: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
 def create_app(
     upstream: Upstream | ModelSpec | str | BaseChatModel | Sequence[BaseChatModel],
     *,
     limits: ServeLimits | None = None,
     api_key: str | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
     """The proxy's ASGI app.
 
@@ -91,6 +86,11 @@ def create_app(
         limits: Server-side defaults and limits (:class:`ServeLimits`).
         api_key: When set, every ``/v1`` request must send ``Authorization: Bearer
             <api_key>``.
+        tracer_provider: Where each request's SERVER span goes (default: the global
+            tracer provider; no spans while none is set). The run's spans under it come
+            from fusion-graph's instrumentation
+            (:class:`~fusion_graph.integrations.opentelemetry.FusionGraphInstrumentor`,
+            which :func:`~fusion_graph.integrations.opentelemetry.configure_otlp` sets up).
 
     Example:
         >>> app = create_app("local")  # doctest: +SKIP
@@ -99,7 +99,29 @@ def create_app(
     limits = limits or ServeLimits()
     served = _as_upstream(upstream, limits)
     admission = Admission(max_in_flight=limits.max_in_flight, max_queue=limits.max_queue)
-    app = FastAPI(title="fusion-graph", docs_url=None, redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if served.forwarder is not None:  # its kept-alive connections
+            await served.forwarder.aclose()
+
+    app = FastAPI(
+        title="fusion-graph",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        telemetry={
+            "tracer_provider": tracer_provider,
+            # The run's spans hang from the request's span itself, not from FastAPI's
+            # endpoint span (which ends before a streamed answer does).
+            "operation_spans": False,
+            # FastAPI's log records carry exception messages: nothing of a request leaves
+            # the proxy unless asked.
+            "logs": False,
+            "exclude": _untraced,
+        },
+    )
     app.state.upstream = served
     app.state.admission = admission
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
@@ -145,25 +167,25 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """A chat completion, passed through or made by Fusion-of-N / Best-of-N."""
-        prepared = _prepare(body, served, limits)
+        choice = _choose(body, served, limits)
+        answerer: Forwarder | PreparedRequest
+        if choice.kind == "pass_through" and served.forwarder is not None:
+            answerer = served.forwarder  # the raw body goes up, the raw answer comes back
+        else:
+            answerer = _prepare(body, choice, served)
+        turn = await _enter(admission, limits)
+        response: Response | None = None
         try:
-            turn = await admission.enter()
-        except Overloaded as exc:
-            headers = {"Retry-After": str(limits.retry_after_s)}
-            raise ServeError(
-                429,
-                f"{exc}; retry later",
-                type="rate_limit_error",
-                code="overloaded",
-                headers=headers,
-            ) from None
-        handed_over = False
-        try:
-            if body.stream:
-                response = await _stream(prepared, body, request, on_close=turn.leave)
-                handed_over = True
-                return response
-            return await _complete(prepared, request)
+            if isinstance(answerer, Forwarder):
+                raw = await request.json()  # as FastAPI parsed it: every field, kept
+                response = await forward(
+                    answerer, raw, request, stream=body.stream, on_close=turn.leave
+                )
+            elif body.stream:
+                response = await _stream(answerer, body, request, on_close=turn.leave)
+            else:
+                response = await _complete(answerer, request)
+            return response
         except ClientDisconnected:
             return Response(status_code=499)  # nobody is listening; nothing is sent
         except (ServeError, asyncio.CancelledError):
@@ -174,10 +196,15 @@ def create_app(
                 logger.error("request failed: %s", type(exc).__name__)  # no content, no keys
             raise error from exc
         finally:
-            if not handed_over:
+            if not isinstance(response, ResponseWithTurn):  # a stream gives it back itself
                 turn.leave()
 
     return app
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    """Health probes make no spans."""
+    return bool(scope.get("path") == "/health")
 
 
 def _as_upstream(
@@ -203,13 +230,8 @@ def _validation_error(exc: RequestValidationError) -> ServeError:
     return bad_request(message, param=param)
 
 
-def _prepare(
-    body: ChatCompletionRequest, upstream: Upstream, limits: ServeLimits
-) -> PreparedRequest:
-    """Check ``body`` against the limits and bind what will answer it (400/404 if bad)."""
-    if body.n != 1:
-        msg = "n must be 1 (ask for candidates with a strategy: fusion-N/MODEL or fusion_graph.n)"
-        raise bad_request(msg, param="n")
+def _choose(body: ChatCompletionRequest, upstream: Upstream, limits: ServeLimits) -> StrategyChoice:
+    """The strategy of ``body``, checked against the limits and the upstream (400/404)."""
     max_tokens = body.requested_max_tokens
     if max_tokens is not None and max_tokens > limits.max_tokens:
         msg = f"max_tokens must be at most {limits.max_tokens} on this server, got {max_tokens}"
@@ -234,6 +256,31 @@ def _prepare(
         raise ServeError(
             404, msg, type="invalid_request_error", param="model", code="model_not_found"
         )
+    if choice.kind == "pass_through" and upstream.forwarder is not None:
+        if body.n > limits.max_n:  # the upstream makes the n choices
+            msg = f"n must be at most {limits.max_n} on this server, got {body.n}"
+            raise bad_request(msg, param="n")
+    elif body.n != 1:
+        msg = "n must be 1 (ask for candidates with a strategy: fusion-N/MODEL or fusion_graph.n)"
+        raise bad_request(msg, param="n")
+    return choice
+
+
+async def _enter(admission: Admission, limits: ServeLimits) -> Turn:
+    """A turn of the admission control (429 with ``Retry-After`` when full)."""
+    try:
+        return await admission.enter()
+    except Overloaded as exc:
+        headers = {"Retry-After": str(limits.retry_after_s)}
+        raise ServeError(
+            429, f"{exc}; retry later", type="rate_limit_error", code="overloaded", headers=headers
+        ) from None
+
+
+def _prepare(
+    body: ChatCompletionRequest, choice: StrategyChoice, upstream: Upstream
+) -> PreparedRequest:
+    """Bind what will answer ``body`` through LangChain (400 if refused)."""
     try:
         conversation = body.conversation()
     except (ValueError, TypeError, KeyError) as exc:
@@ -263,10 +310,10 @@ def _prepare(
 async def _complete(prepared: PreparedRequest, request: Request) -> JSONResponse:
     choice, target = prepared.choice, prepared.target
     if isinstance(target, FusionRunnable):
-        result = await _unless_disconnected(request, target.arun(prepared.conversation))
+        result = await unless_disconnected(request, target.arun(prepared.conversation))
         message, usage, report = result.message, result.usage, run_report(choice, result)
     else:
-        reply = await _unless_disconnected(request, target.ainvoke(prepared.conversation))
+        reply = await unless_disconnected(request, target.ainvoke(prepared.conversation))
         message = reply if isinstance(reply, AIMessage) else AIMessage(content=str(reply))
         usage = TokenUsage.of(message)
         report = pass_through_report(choice, usage)
@@ -290,35 +337,13 @@ async def _stream(
         producer = pass_through_producer(target, prepared.conversation, choice)
     answer = StreamedAnswer(producer)
     try:
-        await _unless_disconnected(request, answer.started())
+        await unless_disconnected(request, answer.started())
     except BaseException:
         answer.cancel()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = answer.sse(id=completion_id(), model=choice.model_name, include_usage=include_usage)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return _ResponseWithTurn(
+    return ResponseWithTurn(
         events, on_close=on_close, media_type="text/event-stream", headers=headers
     )
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result; cancelled (and :class:`ClientDisconnected` raised) if the client
-    closes its connection first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # its upstream calls are stopped before we go on
-    if task.cancelled():
-        raise ClientDisconnected
-    return task.result()
-
-
-async def _disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -1,6 +1,7 @@
-"""The upstream a proxy serves: its model names, one chat model per replica, and the
+"""The upstream a proxy serves: its model names, one chat model per replica, the
 Fusion-of-N / Best-of-N runnable of each strategy, built with the public API on first use
-and cached (one object per distinct strategy)."""
+and cached (one object per distinct strategy), and, for an OpenAI-compatible server, the
+:class:`~fusion_graph.serve.forward.Forwarder` of its raw pass-through."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from langchain_core.runnables import Runnable
 from fusion_graph.models import ModelSpec, build_model
 from fusion_graph.nodes.judges import make_selector
 from fusion_graph.runtime import model_name
+from fusion_graph.serve.forward import Forwarder
 from fusion_graph.serve.strategy import StrategyChoice
 from fusion_graph.wrap import FusionRunnable, best_of_n, fusion_of_n
 
@@ -28,6 +30,8 @@ class Upstream:
             judges and critiques.
         names: The model names requests may use for it (default: the model's own name).
         min_candidates: The quorum of every fan-out (capped at its ``n``).
+        forwarder: Where a pass-through request's raw body goes (an OpenAI-compatible
+            server); without one, pass-through requests go through the chat model.
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class Upstream:
         *,
         names: Sequence[str] = (),
         min_candidates: int = 1,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.models: tuple[BaseChatModel, ...] = (
             (models,) if isinstance(models, BaseChatModel) else tuple(models)
@@ -45,6 +50,7 @@ class Upstream:
             raise ValueError(msg)
         self.names: tuple[str, ...] = tuple(dict.fromkeys([*names, model_name(self.models[0])]))
         self.min_candidates = min_candidates
+        self.forwarder = forwarder
         self._turns = itertools.cycle(self.models)
         self._runnables: dict[tuple[Any, ...], FusionRunnable] = {}
         self._lock = threading.Lock()
@@ -60,7 +66,8 @@ class Upstream:
     ) -> Upstream:
         """The upstream a model spec names (``local``, ``openai:URL:MODEL``,
         ``vllm:URL:MODEL``; replicas joined with ``+``). Requests may call it by the spec's
-        model name, its ``name=`` option, or ``local`` for the embedded model."""
+        model name, its ``name=`` option, or ``local`` for the embedded model. An
+        ``openai:`` / ``vllm:`` upstream forwards pass-through requests raw."""
         parsed = ModelSpec.parse(spec) if isinstance(spec, str) else spec
         urls: Sequence[str | None] = parsed.urls or (None,)
         models = []
@@ -72,7 +79,12 @@ class Upstream:
         names = [n for n in (parsed.options.get("name"), parsed.model) if n]
         if parsed.kind == "local":
             names.append("local")
-        return cls(models, names=names, min_candidates=min_candidates)
+        return cls(
+            models,
+            names=names,
+            min_candidates=min_candidates,
+            forwarder=Forwarder.from_spec(parsed),
+        )
 
     @property
     def name(self) -> str:

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from fusion_graph.serve import ServeLimits
+from fusion_graph.testing import FakeChatModel
 from tests.faults.fake_openai import FakeOpenAI, Fault, candidate
 from tests.serve.conftest import FAKE_MODEL, RunningProxy, Serve, fake_spec
 
@@ -52,7 +53,8 @@ def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 10.0
         ({"model": FAKE_MODEL, "messages": QUESTION, "fusion_graph": {"n": 0}}, "fusion_graph.n"),
         ({"model": FAKE_MODEL, "messages": QUESTION, "fusion_graph": {"k": 2}}, "fusion_graph.k"),
         ({"model": FAKE_MODEL, "messages": QUESTION, "max_tokens": 100_000}, "max_tokens"),
-        ({"model": FAKE_MODEL, "messages": QUESTION, "n": 2}, "n"),
+        ({"model": FAKE_MODEL, "messages": QUESTION, "n": 9}, "n"),  # over max_n
+        ({"model": "fusion-2/fake", "messages": QUESTION, "n": 2}, "n"),  # n is the strategy's
     ],
 )
 def test_bad_requests_are_400_naming_the_param(
@@ -134,14 +136,18 @@ def test_too_few_candidates_is_502_with_every_cause(
     assert "0 of 3 candidates succeeded" in error["message"]
 
 
-def test_a_failing_upstream_is_502_for_a_pass_through(
-    proxy: RunningProxy, fake_openai: FakeOpenAI
-) -> None:
-    fake_openai.configure(rules=[(every, Fault.status(400))])
+def test_a_failing_upstream_is_502_for_a_langchain_pass_through(serve: Serve) -> None:
+    """An upstream given as a chat model passes through LangChain: its failure is a 502.
+    (An ``openai:`` upstream's own status passes through: see test_pass_through.)"""
+    failing = FakeChatModel(
+        replies=[openai.APIConnectionError(request=httpx.Request("POST", "http://x"))],
+        model_name="failing",
+    )
+    proxy = serve(failing)
     with pytest.raises(openai.APIStatusError) as caught:
-        proxy.client().chat.completions.create(model=FAKE_MODEL, messages=QUESTION)
+        proxy.client().chat.completions.create(model="failing", messages=QUESTION)
     assert caught.value.status_code == 502
-    assert caught.value.code == "upstream_status"
+    assert caught.value.code == "upstream_unreachable"
 
 
 def test_a_minority_of_failures_still_answers(proxy: RunningProxy, fake_openai: FakeOpenAI) -> None:
@@ -197,19 +203,20 @@ def test_overload_is_429_with_retry_after(fake_openai: FakeOpenAI, serve: Serve)
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["fusion-2/fake", FAKE_MODEL])
 def test_a_client_that_leaves_cancels_the_upstream_calls(
-    proxy: RunningProxy, fake_openai: FakeOpenAI, stream: bool
+    proxy: RunningProxy, fake_openai: FakeOpenAI, stream: bool, model: str
 ) -> None:
     fake_openai.configure(rules=[(every, Fault.slow_first_byte(30))])
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    body = {"model": "fusion-2/fake", "messages": QUESTION, "stream": stream}
+    body = {"model": model, "messages": QUESTION, "stream": stream}
     conn.request(
         "POST",
         "/v1/chat/completions",
         body=json.dumps(body),
         headers={"content-type": "application/json"},
     )
-    eventually(lambda: fake_openai.in_flight == 1, "the candidates' request at the upstream")
+    eventually(lambda: fake_openai.in_flight == 1, "the request at the upstream")
     assert conn.sock is not None
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()

@@ -52,7 +52,8 @@ def test_a_plain_model_name_is_one_upstream_call(
     assert reply.model == FAKE_MODEL
     assert reply.choices[0].message.content == "The fused answer is 42."
     assert usage_of(reply) == billed(fake_openai)
-    assert reply.model_extra["fusion_graph"]["strategy"] == "pass_through"
+    assert reply.id == "chatcmpl-0"  # the upstream's own answer, passed on raw
+    assert "fusion_graph" not in reply.model_extra
 
 
 def test_request_options_reach_the_upstream(proxy: RunningProxy, fake_openai: FakeOpenAI) -> None:
