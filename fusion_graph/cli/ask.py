@@ -24,6 +24,7 @@ from rich.panel import Panel
 
 from fusion_graph.cli.errors import CliError, err, explain
 from fusion_graph.cli.progress import RunDisplay
+from fusion_graph.cli.tracing import finish_tracing, start_tracing
 from fusion_graph.models import ModelSpec, build_model
 from fusion_graph.nodes.judges import make_selector
 from fusion_graph.types import Candidate, FusionResult, TokenUsage
@@ -118,29 +119,6 @@ def _result_json(prompt: str, result: FusionResult, seconds: float) -> dict[str,
     }
 
 
-def _start_tracing(endpoint: str | None, project: str | None) -> Any:
-    try:
-        from fusion_graph.integrations.opentelemetry import configure_otlp
-    except ImportError as exc:
-        msg = "--trace needs the OpenTelemetry extra: `pip install 'fusion-graph[otel]'`."
-        raise CliError(msg, code=2) from exc
-    return configure_otlp(endpoint, project=project)
-
-
-def _finish_tracing(provider: Any) -> None:
-    """Flush the trace and say once, in a sentence, if it could not be sent."""
-    from fusion_graph.integrations.opentelemetry import trace_delivery
-
-    provider.force_flush()
-    provider.shutdown()
-    delivery = trace_delivery(provider)
-    if delivery is not None and delivery.failed:
-        err.print(
-            f"[yellow]The trace was not sent:[/] {escape(delivery.endpoint)} did not accept "
-            f"{delivery.failed} span(s). Is the collector running (e.g. Phoenix on :6006)?"
-        )
-
-
 def _read_prompt(prompt: str) -> str:
     if prompt == "-":
         if sys.stdin.isatty():
@@ -224,7 +202,9 @@ def ask(
     try:
         text = _read_prompt(prompt)
         if trace or trace_endpoint:
-            provider = _start_tracing(trace_endpoint, trace_project)
+            provider = start_tracing(
+                trace_endpoint, trace_project, what="--trace", service_name="fusion-graph"
+            )
         llm = choice.build()
         decider = llm.bind(temperature=0.2)
         runnable: FusionRunnable
@@ -271,7 +251,7 @@ def ask(
         raise typer.Exit(problem.code) from None
     finally:
         if provider is not None:
-            _finish_tracing(provider)
+            finish_tracing(provider, lost="The trace was not sent")
 
     if show_candidates:
         err.print(Group(*(_candidate_panel(c) for c in result.candidates)))

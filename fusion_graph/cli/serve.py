@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from fusion_graph.cli.errors import CliError, err
+from fusion_graph.cli.tracing import finish_tracing, start_tracing, tracing_wanted
 from fusion_graph.models import SPEC_HELP, ModelSpec
 from fusion_graph.serve import ServeLimits, Upstream, create_app
 
@@ -51,45 +52,6 @@ def _api_key(api_key_env: str | None, host: str) -> str | None:
         msg = f"--api-key-env {api_key_env}: the variable is not set (or empty)."
         raise CliError(msg, code=2)
     return key.strip()
-
-
-_OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-
-
-def tracing_wanted(trace_endpoint: str | None) -> bool:
-    """Whether to trace: ``--trace-endpoint`` was given, or a standard OTLP endpoint
-    variable is set (unless ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``)."""
-    if trace_endpoint:
-        return True
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
-        return False
-    return any(os.environ.get(name, "").strip() for name in _OTLP_ENDPOINT_VARIABLES)
-
-
-def _start_tracing(endpoint: str | None, project: str | None) -> Any:
-    try:
-        from fusion_graph.integrations.opentelemetry import configure_otlp
-    except ImportError as exc:
-        msg = "Tracing needs the OpenTelemetry extra: `pip install 'fusion-graph[otel]'`."
-        raise CliError(msg, code=2) from exc
-    service = os.environ.get("OTEL_SERVICE_NAME", "").strip() or "fusion-graph"
-    return configure_otlp(endpoint, service_name=service, project=project)
-
-
-def _finish_tracing(provider: Any) -> None:
-    """Send the spans still queued and say once, in a sentence, if some could not be sent."""
-    from fusion_graph.integrations.opentelemetry import trace_delivery
-
-    provider.force_flush()
-    provider.shutdown()
-    delivery = trace_delivery(provider)
-    if delivery is not None and delivery.failed:
-        err.print(
-            f"[yellow]Traces were lost:[/] {escape(delivery.endpoint)} did not accept "
-            f"{delivery.failed} span(s). Is the collector running (e.g. Phoenix on :6006)?"
-        )
 
 
 def serve(
@@ -190,9 +152,7 @@ def serve(
             min_candidates=min_candidates,
         )
         provider = (
-            _start_tracing(trace_endpoint, trace_project)
-            if tracing_wanted(trace_endpoint)
-            else None
+            start_tracing(trace_endpoint, trace_project) if tracing_wanted(trace_endpoint) else None
         )
     except CliError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
@@ -218,4 +178,4 @@ def serve(
         )
     finally:
         if provider is not None:
-            _finish_tracing(provider)
+            finish_tracing(provider)

@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from typer.testing import CliRunner
 
 from fusion_graph.cli import app as cli_app
-from fusion_graph.cli.serve import _finish_tracing, _start_tracing, tracing_wanted
+from fusion_graph.cli.tracing import finish_tracing, start_tracing, tracing_wanted
 from fusion_graph.integrations.opentelemetry import FusionGraphInstrumentor
 from tests.faults.fake_openai import FakeOpenAI, Fault, candidate
 from tests.serve.conftest import FAKE_MODEL, RunningProxy, Serve, fake_spec
@@ -238,7 +238,7 @@ def test_the_commands_tracing_sends_each_request_over_otlp(
     ``OTEL_SERVICE_NAME``."""
     url, received = otlp_receiver
     monkeypatch.setenv("OTEL_SERVICE_NAME", "proxy-under-test")
-    provider = _start_tracing(url, "serve-test")
+    provider = start_tracing(url, "serve-test")
     proxy = serve(fake_spec(fake_openai), tracer_provider=provider)
     response = httpx.post(
         f"{proxy.base_url}/chat/completions",
@@ -247,7 +247,7 @@ def test_the_commands_tracing_sends_each_request_over_otlp(
     )
     assert response.status_code == 200
     proxy.stop()  # the request's span has ended once the server is down
-    _finish_tracing(provider)
+    finish_tracing(provider)
 
     spans = []
     for path, body in received:
