@@ -2,9 +2,9 @@
 
 python -m benchmarks.serve [--repeats 50] [--latency 0.1]
 
-The upstream is the loopback fake OpenAI-compatible server of ``tests/faults`` with Nagle's
-algorithm off (``PromptFakeOpenAI``: with it on, every answer of the stdlib server waits
-~40 ms for a delayed ACK, which swamps what is measured here); it answers at once, or after
+The upstream is the loopback fake OpenAI-compatible server of ``tests/faults`` (``FakeOpenAI``,
+Nagle's algorithm off: with it on, every answer of the stdlib server waits ~40 ms for a
+delayed ACK, which swamps what is measured here); it answers at once, or after
 ``--latency`` seconds for the streaming figures. The proxy runs with uvicorn in a thread of
 this process, as the tests run it. Figures are medians (and p99) over ``--repeats``
 sequential requests with the ``openai`` client, after a warm-up:
@@ -34,8 +34,8 @@ import openai
 from fusion_graph import fusion_of_n
 from fusion_graph.integrations.openai_compat import openai_compatible
 from fusion_graph.serve import ServeLimits, Upstream, create_app
-from tests.faults.fake_openai import Fault
-from tests.serve.conftest import PromptFakeOpenAI, start_proxy
+from tests.faults.fake_openai import FakeOpenAI, Fault
+from tests.serve.conftest import start_proxy
 
 QUESTION = [{"role": "user", "content": "What is six times seven?"}]
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--latency", type=float, default=0.1)
     args = parser.parse_args()
-    with PromptFakeOpenAI() as fake:
+    with FakeOpenAI() as fake:
         spec = f"openai:{fake.base_url}:fake"
         proxy = start_proxy(create_app(spec, limits=ServeLimits()))
         through_langchain = Upstream.from_spec(spec)

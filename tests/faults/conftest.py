@@ -25,7 +25,11 @@ def fake_openai(fake_openai_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
     """The server with no faults, honouring ``n``, nothing recorded, and nothing remembered
     about the endpoint (its limit, whether it ignores ``n``). After the test, no request may
     be left in flight."""
-    server = fake_openai_server
+    yield from afresh(fake_openai_server)
+
+
+def afresh(server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """A fixture's body: ``server`` configured afresh for one test, checked idle after it."""
     _forget(server.base_url)
     server.configure()
     yield server

@@ -3,9 +3,8 @@ run by uvicorn in a thread, in front of the fake OpenAI-compatible server of
 ``tests/faults`` (which counts every request it gets), or in front of a fake chat model.
 
 ``serve(upstream, limits=..., api_key=...)`` starts one proxy and stops it after the test
-(uvicorn's own shutdown: in-flight requests are drained first). ``prompt_fake`` is the fake
-upstream with ``TCP_NODELAY`` on its sockets, for the tests and benchmarks that time what
-they see (:class:`PromptFakeOpenAI`).
+(uvicorn's own shutdown: in-flight requests are drained first). ``prompt_fake`` is a second
+fake upstream of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from starlette.types import ASGIApp
 from fusion_graph.integrations import endpoint_limits
 from fusion_graph.integrations.openai_compat import forget_endpoint
 from fusion_graph.serve import ServeLimits, create_app
-from tests.faults.conftest import fake_openai, fake_openai_server
+from tests.faults.conftest import afresh, fake_openai, fake_openai_server
 from tests.faults.fake_openai import FakeOpenAI
 
 __all__ = ["fake_openai", "fake_openai_server"]  # the fault tier's fixtures, reused here
@@ -115,22 +114,6 @@ def proxy(fake_openai: FakeOpenAI, serve: Serve) -> RunningProxy:
     return serve(fake_spec(fake_openai), limits=ServeLimits(max_n=8))
 
 
-class PromptFakeOpenAI(FakeOpenAI):
-    """The fake upstream with Nagle's algorithm off on its sockets (``TCP_NODELAY``).
-
-    The stdlib server writes a response's head and its body separately; with Nagle's
-    algorithm on, the body waits for the client's delayed ACK of the head: ~40 ms added to
-    every answer on a kept-alive connection (a direct call measures 44 ms instead of 1.4 ms
-    on loopback). Harmless where only behaviour is checked; wrong where time is measured.
-    """
-
-    def start(self) -> PromptFakeOpenAI:
-        super().start()
-        assert self._http is not None
-        self._http.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[attr-defined]
-        return self
-
-
 def forget_upstream(base_url: str) -> None:
     """Nothing remembered about an endpoint (its limiter, whether it ignores ``n``)."""
     forget_endpoint(base_url)
@@ -138,20 +121,12 @@ def forget_upstream(base_url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def prompt_fake_server() -> Iterator[PromptFakeOpenAI]:
-    with PromptFakeOpenAI() as server:
+def prompt_fake_server() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as server:
         yield server
 
 
 @pytest.fixture
-def prompt_fake(prompt_fake_server: PromptFakeOpenAI) -> Iterator[PromptFakeOpenAI]:
-    """:class:`PromptFakeOpenAI` with no faults, honouring ``n``, nothing recorded or
-    remembered; no request may be left in flight after the test."""
-    server = prompt_fake_server
-    forget_upstream(server.base_url)
-    server.configure()
-    yield server
-    try:
-        assert server.wait_idle(), f"{server.in_flight} request(s) left in flight at the server"
-    finally:
-        forget_upstream(server.base_url)
+def prompt_fake(prompt_fake_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """A second fake upstream, configured afresh for the test (as ``fake_openai``)."""
+    yield from afresh(prompt_fake_server)

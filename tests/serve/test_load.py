@@ -29,8 +29,8 @@ import httpx
 import pytest
 
 from fusion_graph.serve import ServeLimits
-from tests.faults.fake_openai import COMPLETION_TOKENS, PROMPT_TOKENS, Fault
-from tests.serve.conftest import FAKE_MODEL, PromptFakeOpenAI, Serve, fake_spec
+from tests.faults.fake_openai import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAI, Fault
+from tests.serve.conftest import FAKE_MODEL, Serve, fake_spec
 
 pytestmark = pytest.mark.server
 
@@ -114,7 +114,7 @@ def assert_well_formed(response: httpx.Response) -> None:
 
 
 def test_500_requests_64_at_a_time_none_lost_none_twice(
-    prompt_fake: PromptFakeOpenAI, serve: Serve
+    prompt_fake: FakeOpenAI, serve: Serve
 ) -> None:
     proxy = serve(fake_spec(prompt_fake), limits=ServeLimits(max_in_flight=CONCURRENCY))
     prompt_fake.configure(rules=[(every, Fault.slow_first_byte(LATENCY_S))])
@@ -167,7 +167,7 @@ def test_500_requests_64_at_a_time_none_lost_none_twice(
 
 
 def test_beyond_the_limits_429_at_once_and_the_admitted_all_answered(
-    prompt_fake: PromptFakeOpenAI, serve: Serve
+    prompt_fake: FakeOpenAI, serve: Serve
 ) -> None:
     in_flight, queue, clients = 8, 8, 64
     limits = ServeLimits(max_in_flight=in_flight, max_queue=queue, retry_after_s=2)

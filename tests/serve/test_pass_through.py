@@ -34,7 +34,6 @@ from fusion_graph.serve import ServeLimits
 from tests.faults.fake_openai import FakeOpenAI, Fault
 from tests.serve.conftest import (
     FAKE_MODEL,
-    PromptFakeOpenAI,
     RunningProxy,
     Serve,
     fake_spec,
@@ -379,7 +378,7 @@ def test_a_pass_through_holds_its_turn_until_its_answer_is_done(
     eventually(lambda: httpx.get(f"{proxy.url}/health").json()["in_flight"] == 0, "turn back")
 
 
-def test_the_endpoints_concurrency_limit_holds(prompt_fake: PromptFakeOpenAI, serve: Serve) -> None:
+def test_the_endpoints_concurrency_limit_holds(prompt_fake: FakeOpenAI, serve: Serve) -> None:
     proxy = serve(f"openai:{prompt_fake.base_url}:fake:concurrency=2")
     prompt_fake.configure(rules=[(lambda _: True, Fault.slow_first_byte(0.2))])
 
@@ -396,7 +395,7 @@ def test_the_endpoints_concurrency_limit_holds(prompt_fake: PromptFakeOpenAI, se
 
 
 def test_replicas_take_turns(
-    fake_openai: FakeOpenAI, prompt_fake: PromptFakeOpenAI, serve: Serve
+    fake_openai: FakeOpenAI, prompt_fake: FakeOpenAI, serve: Serve
 ) -> None:
     proxy = serve(f"openai:{fake_openai.base_url}+{prompt_fake.base_url}:{FAKE_MODEL}")
     for stream in (False, True, False, True):
