@@ -268,7 +268,8 @@ class FusionMiddleware(_FanOutMiddleware):
         prompt: The fusion prompt template.
         **options: ``critic``, ``critique_prompt``, ``min_candidates``,
             ``max_concurrency``, ``timeout``, ``retry``, ``fallback``, ``seed``,
-            ``temperature``: see :class:`~fusion_graph.options.FusionOptions`.
+            ``temperature``, ``grace``, ``max_total_tokens``, ``cost``: see
+            :class:`~fusion_graph.options.FusionOptions`.
 
     Each step makes N handler calls for the candidates and one for the fusor (see the
     module docs for how that counts against LangChain's call limits).

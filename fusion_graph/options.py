@@ -13,11 +13,12 @@ from typing import Any
 from langchain_core.runnables import Runnable
 from langgraph.types import RetryPolicy
 
+from fusion_graph.budget import Budget, CostFn, total_tokens
 from fusion_graph.nodes.decide import Decider, Selector
 from fusion_graph.nodes.fanout import MAX_CANDIDATES, FanOut
 from fusion_graph.nodes.fuse import Fuse
 from fusion_graph.nodes.generator import Generator
-from fusion_graph.nodes.select import DEFAULT_FALLBACK, RewardFn, Select
+from fusion_graph.nodes.select import DEFAULT_FALLBACK, MajorityVote, RewardFn, Select
 from fusion_graph.prompts import CRITIQUE_PROMPT, FUSION_PROMPT, PromptTemplate
 from fusion_graph.types import Strategy
 
@@ -79,6 +80,17 @@ class FusionOptions:
     field. Default: a random base per run."""
     temperature: float | None = None
     """Sampling temperature for generators with a ``temperature`` field."""
+    grace: float | None = None
+    """Straggler cut-off, in seconds: once ``min_candidates`` candidates succeeded, wait at
+    most this long for the others, then cancel them (kept as ``status="cancelled"``) and
+    decide with what arrived. ``None`` waits for every candidate."""
+    max_total_tokens: float | None = None
+    """The run's token budget: once its calls have used this many tokens (as ``cost``
+    counts them), no new candidate, critique, judge or fusor call starts; the decision
+    says so (``Decision.stopped == "budget"``). See :mod:`fusion_graph.budget`."""
+    cost: CostFn | None = None
+    """What one call costs against ``max_total_tokens``, from its reported
+    :class:`~fusion_graph.TokenUsage` (default: its total tokens), e.g. a price."""
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, high=MAX_CANDIDATES)
@@ -125,6 +137,16 @@ class FusionOptions:
             raise TypeError(msg)
         if self.temperature is not None:
             _check_number("temperature", self.temperature, positive=False)
+        if self.grace is not None:
+            _check_number("grace", self.grace, positive=False)
+        if self.max_total_tokens is not None:
+            _check_number("max_total_tokens", self.max_total_tokens, positive=True)
+        if self.cost is not None and not callable(self.cost):
+            msg = f"cost must be a function (TokenUsage) -> float, got {type(self.cost).__name__}"
+            raise TypeError(msg)
+        if self.cost is not None and self.max_total_tokens is None:
+            msg = "cost counts calls against max_total_tokens: pass max_total_tokens too"
+            raise ValueError(msg)
         if not isinstance(self.critique_prompt, PromptTemplate):
             kind = type(self.critique_prompt).__name__
             msg = f"critique_prompt must be a PromptTemplate, got {kind}"
@@ -150,4 +172,18 @@ class FusionOptions:
             temperature=self.temperature,
             critic=self.critic,
             critique_prompt=self.critique_prompt,
+            quorum=self.min_candidates,
+            grace=self.grace,
+            early_stop=self.early_stop(),
         )
+
+    def early_stop(self) -> MajorityVote | None:
+        """The early-stopping vote, when the selector is one."""
+        vote = self.selector
+        return vote if isinstance(vote, MajorityVote) and vote.early_stop is not None else None
+
+    def budget(self) -> Budget | None:
+        """A fresh token budget for one run, when ``max_total_tokens`` is set."""
+        if self.max_total_tokens is None:
+            return None
+        return Budget(self.max_total_tokens, self.cost or total_tokens)

@@ -37,6 +37,8 @@ from tenacity import (
     wait_random,
 )
 
+from fusion_graph.budget import Budget, BudgetSpentError
+
 T = TypeVar("T")
 
 THREAD_POOL = ThreadPoolExecutor(max_workers=512, thread_name_prefix="fusion-graph")
@@ -175,7 +177,9 @@ def _retry_predicate(policy: RetryPolicy) -> Callable[[BaseException], bool]:
     retry_on = policy.retry_on
 
     def predicate(exc: BaseException) -> bool:
-        if not isinstance(exc, Exception) or isinstance(exc, CallAborted | GraphBubbleUp):
+        if not isinstance(exc, Exception) or isinstance(
+            exc, CallAborted | GraphBubbleUp | BudgetSpentError
+        ):
             return False
         if isinstance(exc, TimeoutError):  # our own per-attempt timeout: always retryable
             return True
@@ -232,6 +236,8 @@ class Caller:
     """Retries with backoff (run with tenacity); ``None`` makes a single attempt."""
     semaphore: asyncio.Semaphore | None = None
     """Bounds calls in flight; held per attempt, not while backing off."""
+    budget: Budget | None = None
+    """The run's token budget: asked before each attempt, charged after it."""
 
     @classmethod
     def for_run(
@@ -241,10 +247,11 @@ class Caller:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         max_concurrency: int | None = None,
+        budget: Budget | None = None,
     ) -> Caller:
-        """The caller of one run (its bound is fresh: runs do not share it)."""
+        """The caller of one run (its bound and budget are fresh: runs do not share them)."""
         semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        return cls(sync=sync, timeout=timeout, retry=retry, semaphore=semaphore)
+        return cls(sync=sync, timeout=timeout, retry=retry, semaphore=semaphore, budget=budget)
 
     async def call_model(
         self, model: Runnable[Any, Any], input: Any, config: RunnableConfig, **kwargs: Any
@@ -261,7 +268,8 @@ class Caller:
         async_fn: Callable[[], Awaitable[T]] | None,
     ) -> CallResult[T]:
         """Call ``sync_fn`` or ``async_fn`` (whichever suits the mode and exists), with the
-        retry policy, per-attempt timeout and concurrency bound. Never raises an
+        retry policy, per-attempt timeout, concurrency bound and token budget (an attempt
+        the spent budget refuses fails with ``BudgetSpentError``). Never raises an
         ``Exception`` but LangGraph's control flow (``GraphBubbleUp``: ``GraphInterrupt``
         from ``interrupt()``, ``ParentCommand``), which propagates unretried; the last
         error is returned in the result."""
@@ -269,12 +277,20 @@ class Caller:
         attempts = 0
 
         async def attempt() -> T:
-            nonlocal attempts
-            attempts += 1
             if self.semaphore is None:
-                return await self._once(sync_fn, async_fn)
+                return await started()
             async with self.semaphore:
-                return await self._once(sync_fn, async_fn)
+                return await started()
+
+        async def started() -> T:
+            nonlocal attempts
+            if self.budget is not None:
+                self.budget.check()  # spent: this attempt does not start
+            attempts += 1
+            value = await self._once(sync_fn, async_fn)
+            if self.budget is not None:
+                self.budget.charge(value)
+            return value
 
         try:
             if self.retry is None or self.retry.max_attempts <= 1:

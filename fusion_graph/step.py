@@ -15,6 +15,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 
+from fusion_graph.budget import Budget
 from fusion_graph.events import EventSink, event_sink
 from fusion_graph.hooks import Phase, RunInfo, RunReport, current_hooks
 from fusion_graph.nodes.decide import Decider, TokenSink
@@ -22,7 +23,7 @@ from fusion_graph.nodes.fanout import FanOut, Generated, check_quorum
 from fusion_graph.nodes.generator import generator_pool
 from fusion_graph.options import FusionOptions
 from fusion_graph.runtime import Caller, reraise_aborted
-from fusion_graph.types import Candidate, Decision, FusionResult
+from fusion_graph.types import Candidate, Decision, FusionResult, StopCause, usage_by_stage
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,11 @@ class FusionStep:
         """The caller of one run: sync (``invoke`` on threads) or async (``ainvoke``)."""
         o = self.options
         return Caller.for_run(
-            sync=sync, timeout=o.timeout, retry=o.retry, max_concurrency=o.max_concurrency
+            sync=sync,
+            timeout=o.timeout,
+            retry=o.retry,
+            max_concurrency=o.max_concurrency,
+            budget=o.budget(),
         )
 
     async def run(
@@ -85,6 +90,7 @@ class FusionStep:
             message, decision = await self.decider.run(
                 conversation, candidates, config, caller, emit=emit, on_token=on_token
             )
+            decision = with_stops(decision, candidates, caller.budget)
             report.decision, report.answer = decision, message
         update = _base_update(made, decision)
         return FusionResult(
@@ -134,11 +140,14 @@ class FusionStep:
         sync: bool,
     ) -> tuple[AIMessage, Decision]:
         report = RunReport(candidates=candidates)
+        caller = self.caller(sync=sync)
+        if caller.budget is not None:  # what the generate node spent counts too
+            for stage in usage_by_stage(candidates, None).values():
+                caller.budget.charge_usage(stage)
         with current_hooks().run(self.run_info("decide", conversation), report):
             check_quorum(candidates, self.options.min_candidates)
-            message, decision = await self.decider.run(
-                conversation, candidates, config, self.caller(sync=sync)
-            )
+            message, decision = await self.decider.run(conversation, candidates, config, caller)
+            decision = with_stops(decision, candidates, caller.budget)
             report.decision, report.answer = decision, message
         return message, decision
 
@@ -153,6 +162,31 @@ class FusionStep:
             models=tuple(g.name for g in self.fan_out.generators),
             conversation=conversation,
         )
+
+
+def with_stops(
+    decision: Decision, candidates: Sequence[Candidate], budget: Budget | None
+) -> Decision:
+    """The decision, saying what cut the run short (a spent budget, a settled vote, the
+    grace window), if anything did."""
+    refused = budget is not None and budget.refused > 0
+    stopped = [c for c in candidates if c.stopped is not None]
+    if not refused and not stopped:
+        return decision
+    if refused:
+        assert budget is not None
+        cause: StopCause = "budget"
+        reason = (
+            f"the token budget was spent ({budget.spent:g} of {budget.limit:g}): "
+            f"{budget.refused} call(s) not started"
+        )
+    else:
+        first = stopped[0]
+        assert first.stopped is not None and first.error is not None
+        cause, reason = first.stopped, first.error.message
+    used = sum(c.attempts > 0 for c in candidates)
+    update = {"stopped": cause, "stop_reason": reason, "samples_used": used}
+    return decision.model_copy(update=update)
 
 
 def _base_update(made: Sequence[Generated], decision: Decision) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ from langchain_core.runnables import Runnable, ensure_config
 from pydantic import ConfigDict, Field, SkipValidation
 
 from fusion_graph.messages import message_text
-from fusion_graph.runtime import INDEX_KEY, ROLE_KEY
+from fusion_graph.runtime import INDEX_KEY, ROLE_KEY, CallStopped, stop_requested
 
 __all__ = ["CallRecorder", "FakeCall", "FakeChatModel", "FakeSamplingChatModel", "tool_call"]
 
@@ -72,6 +72,9 @@ class CallRecorder:
         self.calls: list[FakeCall] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.cancelled: list[FakeCall] = []
+        """Calls that ended because they were cancelled (async) or told to stop (sync,
+        :func:`~fusion_graph.runtime.stop_requested`), in the order they ended."""
         self._lock = threading.Lock()
 
     def enter(self, call: FakeCall) -> None:
@@ -80,9 +83,11 @@ class CallRecorder:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
-    def exit(self) -> None:
+    def exit(self, call: FakeCall | None = None, *, cancelled: bool = False) -> None:
         with self._lock:
             self.in_flight -= 1
+            if cancelled and call is not None:
+                self.cancelled.append(call)
 
     def by_role(self, role: str) -> list[FakeCall]:
         """Calls made in one role, in the order they started."""
@@ -107,6 +112,10 @@ class FakeChatModel(BaseChatModel):
             candidates get ``replies[0]``), or a function ``(FakeCall) -> Reply``.
             A reply that is an exception is raised.
         delay: Seconds each call takes (``time.sleep`` / ``asyncio.sleep``).
+        delays: Seconds by candidate index (``delays[i % len]``), for generator calls;
+            other calls take ``delay``. A sync call that is told to stop
+            (:func:`~fusion_graph.runtime.stop_requested`) stops within 10 ms, like the
+            embedded model between tokens.
         recorder: Where calls are recorded.
         model_name: The name recorded on candidates.
     """
@@ -117,6 +126,8 @@ class FakeChatModel(BaseChatModel):
     """The answers, by candidate index, or a function of the call."""
     delay: float = 0.0
     """Seconds per call."""
+    delays: Sequence[float] | None = None
+    """Seconds per generator call, by candidate index."""
     recorder: CallRecorder | None = None
     """Records every call."""
     model_name: str = "fake-chat"
@@ -173,11 +184,33 @@ class FakeChatModel(BaseChatModel):
     def _recorded(self, call: FakeCall) -> Iterator[FakeCall]:
         if self.recorder:
             self.recorder.enter(call)
+        cancelled = False
         try:
             yield call
+        except (asyncio.CancelledError, CallStopped):
+            cancelled = True
+            raise
         finally:
             if self.recorder:
-                self.recorder.exit()
+                self.recorder.exit(call, cancelled=cancelled)
+
+    def _delay(self, call: FakeCall) -> float:
+        if self.delays and call.role == "generator":
+            return self.delays[(call.index or 0) % len(self.delays)]
+        return self.delay
+
+    def _wait(self, call: FakeCall) -> None:
+        """Sleep the call's delay, stopping early (``CallStopped``) when told to."""
+        end = time.monotonic() + self._delay(call)
+        while (left := end - time.monotonic()) > 0:
+            if stop_requested():
+                msg = "the fake was told to stop"
+                raise CallStopped(msg)
+            time.sleep(min(left, 0.01))
+
+    async def _await(self, call: FakeCall) -> None:
+        if delay := self._delay(call):
+            await asyncio.sleep(delay)
 
     def _generate(
         self,
@@ -187,8 +220,7 @@ class FakeChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         with self._recorded(self._call(messages, run_manager, kwargs)) as call:
-            if self.delay:
-                time.sleep(self.delay)
+            self._wait(call)
             return ChatResult(generations=[ChatGeneration(message=self._reply(call))])
 
     async def _agenerate(
@@ -199,8 +231,7 @@ class FakeChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         with self._recorded(self._call(messages, run_manager, kwargs)) as call:
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            await self._await(call)
             return ChatResult(generations=[ChatGeneration(message=self._reply(call))])
 
     def _chunks(self, message: AIMessage) -> Iterator[ChatGenerationChunk]:
@@ -229,8 +260,7 @@ class FakeChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         with self._recorded(self._call(messages, run_manager, kwargs)) as call:
-            if self.delay:
-                time.sleep(self.delay)
+            self._wait(call)
             for chunk in self._chunks(self._reply(call)):
                 if run_manager:
                     run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
@@ -244,8 +274,7 @@ class FakeChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         with self._recorded(self._call(messages, run_manager, kwargs)) as call:
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            await self._await(call)
             for chunk in self._chunks(self._reply(call)):
                 if run_manager:
                     await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
@@ -263,16 +292,16 @@ class FakeSamplingChatModel(FakeChatModel):
     ) -> list[AIMessage | Exception]:
         call = FakeCall(list(messages), "generator", None, {"seeds": list(seeds), **kwargs})
         with self._recorded(call):
-            if self.delay:
-                time.sleep(self.delay)
+            self._wait(call)
             return [self._sample(call, k) for k in range(len(seeds))]
 
     async def asample_n(
         self, messages: Sequence[BaseMessage], *, seeds: Sequence[int | None], **kwargs: Any
     ) -> list[AIMessage | Exception]:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        return self.model_copy(update={"delay": 0.0}).sample_n(messages, seeds=seeds, **kwargs)
+        call = FakeCall(list(messages), "generator", None, {"seeds": list(seeds), **kwargs})
+        with self._recorded(call):
+            await self._await(call)
+            return [self._sample(call, k) for k in range(len(seeds))]
 
     def _sample(self, call: FakeCall, k: int) -> AIMessage | Exception:
         try:

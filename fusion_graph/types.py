@@ -24,6 +24,24 @@ Strategy = Literal["fusion", "best_of_n"]
 """
 
 
+StopCause = Literal["grace", "early_stop", "budget"]
+"""What ended part of a run's work before it was done.
+
+* ``"grace"``: enough candidates had succeeded and the grace window for the rest ran out
+  (``min_candidates`` plus ``grace``).
+* ``"early_stop"``: the vote was already settled (``MajorityVote(early_stop=...)``).
+* ``"budget"``: the run's token budget was spent (``max_total_tokens``).
+"""
+
+Stage = Literal["candidates", "critiques", "decision"]
+"""The stages of a run whose token usage is counted apart."""
+
+
+CandidateStatus = Literal["ok", "failed", "cancelled"]
+"""``"ok"``: it has a reply; ``"failed"``: its calls failed; ``"cancelled"``: the run stopped
+it (or never started it) on purpose, see :data:`StopCause`."""
+
+
 class Plain(dict[str, Any]):
     """A model as plain data (what a checkpoint stores: serialised as a plain ``dict``) that,
     in the process that made it, still knows the object it came from (``source``), so
@@ -141,6 +159,9 @@ class Candidate(BaseModel):
     """Set when this candidate was to come from one multi-sample call (``n=N``) that
     failed: it was then made by a call of its own (``attempts`` and ``latency_s`` count
     both)."""
+    stopped: StopCause | None = None
+    """Set when the run cancelled this candidate, or never started it (``attempts == 0``):
+    ``error`` then says why. ``None`` for a candidate that ran to its end."""
 
     _exception: Exception | None = PrivateAttr(default=None)
 
@@ -181,6 +202,36 @@ class Candidate(BaseModel):
     def ok(self) -> bool:
         """Whether the candidate produced a reply."""
         return self.error is None and self.message is not None
+
+    @property
+    def status(self) -> CandidateStatus:
+        """``"ok"``, ``"failed"`` or ``"cancelled"`` (stopped by the run, see ``stopped``)."""
+        if self.ok:
+            return "ok"
+        return "cancelled" if self.stopped is not None else "failed"
+
+    @classmethod
+    def cancelled(
+        cls,
+        *,
+        index: int,
+        model: str,
+        seed: int | None,
+        cause: StopCause,
+        why: str,
+        attempts: int = 1,
+        latency_s: float = 0.0,
+    ) -> Candidate:
+        """A candidate the run stopped (``attempts=1``) or never started (``attempts=0``)."""
+        return cls(
+            index=index,
+            model=model,
+            seed=seed,
+            attempts=attempts,
+            latency_s=latency_s,
+            stopped=cause,
+            error=ErrorInfo(type="CandidateCancelled", message=why),
+        )
 
     @classmethod
     def of(
@@ -229,6 +280,14 @@ class Decision(BaseModel):
     """Tokens used by the decision calls (fusor or judges)."""
     latency_s: float = 0.0
     """Wall time of the decision, in seconds."""
+    stopped: StopCause | None = None
+    """What cut the run's work short, if anything: candidates cancelled after the grace
+    window, a vote settled early, or a spent token budget (then the calls it refused,
+    candidates, critiques or judge calls, did not start)."""
+    stop_reason: str | None = None
+    """Why, in words (e.g. the early-stopping vote's confidence when it stopped)."""
+    samples_used: int | None = None
+    """How many candidates were started (set when ``stopped`` is)."""
 
     def to_plain(self) -> dict[str, Any]:
         """The decision as checkpoint-safe data (:meth:`from_plain` reverses it)."""
@@ -260,10 +319,20 @@ class FusionResult:
     @property
     def usage(self) -> TokenUsage | None:
         """Tokens of every call the run made: candidates, critiques and the decision."""
-        return TokenUsage.sum(
-            [
-                *(c.usage for c in self.candidates),
-                *(k.usage for c in self.candidates for k in c.critiques),
-                self.decision.usage,
-            ]
-        )
+        return TokenUsage.sum(self.usage_by_stage().values())
+
+    def usage_by_stage(self) -> dict[Stage, TokenUsage | None]:
+        """Tokens per stage: ``candidates``, ``critiques`` and ``decision``."""
+        return usage_by_stage(self.candidates, self.decision)
+
+
+def usage_by_stage(
+    candidates: Iterable[Candidate], decision: Decision | None
+) -> dict[Stage, TokenUsage | None]:
+    """Tokens per stage of a run (``None`` where nothing was reported)."""
+    made = list(candidates)
+    return {
+        "candidates": TokenUsage.sum(c.usage for c in made),
+        "critiques": TokenUsage.sum(k.usage for c in made for k in c.critiques),
+        "decision": decision.usage if decision is not None else None,
+    }

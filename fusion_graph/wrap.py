@@ -27,6 +27,7 @@ from fusion_graph.bindings import (
     tools_binder,
     with_sampling,
 )
+from fusion_graph.budget import CostFn
 from fusion_graph.events import EventSink
 from fusion_graph.messages import ChatContract, to_messages
 from fusion_graph.node import FusionNode
@@ -58,6 +59,9 @@ class StepOptions(TypedDict, total=False):
     fallback: Selector | None
     seed: int | None
     temperature: float | None
+    grace: float | None
+    max_total_tokens: float | None
+    cost: CostFn | None
 
 
 class FusionRunnable(ChatContract, Runnable[LanguageModelInput, AIMessage]):
@@ -342,7 +346,8 @@ def fusion_of_n(
         decision_key: A wrapped node only: also write the ``Decision`` to this state key.
         **options: ``critic``, ``critique_prompt``, ``min_candidates``,
             ``max_concurrency``, ``timeout``, ``retry``, ``fallback``, ``seed``,
-            ``temperature``: see :class:`~fusion_graph.options.FusionOptions`.
+            ``temperature``, ``grace``, ``max_total_tokens``, ``cost``: see
+            :class:`~fusion_graph.options.FusionOptions`.
 
     Returns:
         For a Runnable: a :class:`FusionRunnable` (same input and output; it has

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -41,7 +42,15 @@ from opentelemetry.util.types import AttributeValue
 
 from fusion_graph.hooks import CallInfo, RunHooks, RunInfo, RunReport, set_hooks
 from fusion_graph.messages import message_text
-from fusion_graph.types import Candidate, Critique, Decision, ErrorInfo, Strategy, TokenUsage
+from fusion_graph.types import (
+    Candidate,
+    Critique,
+    Decision,
+    ErrorInfo,
+    Strategy,
+    TokenUsage,
+    usage_by_stage,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -160,9 +169,14 @@ class OTelHooks(RunHooks):
 
     def _end_run(self, span: Span, report: RunReport) -> None:
         if report.candidates:
-            ok = sum(c.ok for c in report.candidates)
-            span.set_attribute("fusion_graph.candidates.succeeded", ok)
-            span.set_attribute("fusion_graph.candidates.failed", len(report.candidates) - ok)
+            statuses = Counter(c.status for c in report.candidates)
+            span.set_attribute("fusion_graph.candidates.succeeded", statuses["ok"])
+            span.set_attribute("fusion_graph.candidates.failed", statuses["failed"])
+            span.set_attribute("fusion_graph.candidates.cancelled", statuses["cancelled"])
+        for stage, usage in usage_by_stage(report.candidates, report.decision).items():
+            if usage is not None:
+                span.set_attribute(f"fusion_graph.usage.{stage}.input_tokens", usage.input_tokens)
+                span.set_attribute(f"fusion_graph.usage.{stage}.output_tokens", usage.output_tokens)
         if report.decision is not None:
             span.set_attributes(_decision_attributes(report.decision))
         if self.capture_content and report.answer is not None:
@@ -252,6 +266,11 @@ def _decision_attributes(decision: Decision) -> Attributes:
         attributes["fusion_graph.decision.score"] = decision.score
     if decision.fallback_reason is not None:
         attributes["fusion_graph.decision.fallback_reason"] = decision.fallback_reason
+    if decision.stopped is not None:
+        attributes["fusion_graph.decision.stopped"] = decision.stopped
+        attributes["fusion_graph.decision.stop_reason"] = decision.stop_reason or ""
+    if decision.samples_used is not None:
+        attributes["fusion_graph.decision.samples_used"] = decision.samples_used
     return attributes
 
 

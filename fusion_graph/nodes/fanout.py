@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import set_config_context
 
 from fusion_graph import events
+from fusion_graph.budget import BudgetSpentError
 from fusion_graph.durable import Journal
 from fusion_graph.errors import NotEnoughCandidatesError
 from fusion_graph.events import EventSink
@@ -34,11 +36,25 @@ from fusion_graph.nodes.critique import critique
 from fusion_graph.nodes.generator import Generator
 from fusion_graph.prompts import CRITIQUE_PROMPT, PromptTemplate
 from fusion_graph.runtime import Caller, CallResult, role_config
-from fusion_graph.types import Candidate, ErrorInfo, TokenUsage
+from fusion_graph.types import Candidate, ErrorInfo, StopCause, TokenUsage
 
 MAX_CANDIDATES = 256
 """The largest ``n`` accepted. Beyond it, prompts for the fusor or judge outgrow any
 context window, and the fan-out is better split into several runs."""
+
+
+class EarlyStopping(Protocol):
+    """When to stop sampling (e.g. :class:`~fusion_graph.MajorityVote` with ``early_stop``)."""
+
+    @property
+    def round_size(self) -> int:
+        """Candidates made per round (the rule is asked between rounds)."""
+        ...
+
+    def reason_to_stop(self, candidates: Sequence[Candidate]) -> str | None:
+        """Why no more candidates are needed, given the successful ones so far (index
+        order), or ``None`` to go on."""
+        ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +104,13 @@ class FanOut:
     """Critiques each successful candidate when set."""
     critique_prompt: PromptTemplate = CRITIQUE_PROMPT
     """The critic's prompt."""
+    quorum: int = 1
+    """Successful candidates after which the grace window starts (``min_candidates``)."""
+    grace: float | None = None
+    """Seconds to wait for the other candidates once ``quorum`` succeeded; those still
+    running then are cancelled. ``None`` waits for all."""
+    early_stop: EarlyStopping | None = None
+    """Makes candidates in rounds and stops when the rule says the vote is settled."""
 
     @property
     def is_node(self) -> bool:
@@ -108,12 +131,12 @@ class FanOut:
             base = random.randrange(2**31 - MAX_CANDIDATES)
         return [base + i for i in range(self.n)]
 
-    def groups(self) -> tuple[dict[int, list[int]], list[int]]:
-        """Candidates that one multi-sample call can make together (by pool slot), and the
-        rest (one call each)."""
+    def groups(self, indices: Sequence[int]) -> tuple[dict[int, list[int]], list[int]]:
+        """Of ``indices``, the candidates that one multi-sample call can make together (by
+        pool slot), and the rest (one call each)."""
         groups: dict[int, list[int]] = {}
         single: list[int] = []
-        for index in range(self.n):
+        for index in indices:
             slot = index % len(self.generators)
             if self.generators[slot].samples_n:
                 groups.setdefault(slot, []).append(index)
@@ -138,6 +161,11 @@ class FanOut:
         never raised. ``source`` is what each generator is called with (the input, or the
         state for a node); ``conversation`` is what critics and deciders are shown.
 
+        With ``grace``, candidates still running ``grace`` seconds after the ``quorum``-th
+        success are cancelled; with ``early_stop``, candidates are made in rounds and the
+        rest are not started once the rule says the vote is settled. Either way every
+        candidate is returned, the stopped ones as cancelled (:attr:`Candidate.stopped`).
+
         In a node of a checkpointed graph, finished candidates are saved as they finish and
         a resumed run makes only the others (:mod:`fusion_graph.durable`). ``save_last=False``
         when the node returns the candidates at once (LangGraph then saves them itself): the
@@ -148,20 +176,61 @@ class FanOut:
         for generated in restored.values():
             sink(events.candidate_finished(generated.candidate))
         run = _Run(self, source, conversation, config, caller, sink, self.seeds(restored))
-        work = self._work(run, set(restored))
+        made = list(restored.values())
+        rounds = self._rounds([i for i in range(self.n) if i not in restored])
+        for number, indices in enumerate(rounds):
+            why = self._settled(made)
+            if why is not None:
+                rest = [i for later in rounds[number:] for i in later]
+                made.extend(run.not_started(i, "early_stop", why) for i in rest)
+                break
+            last = number == len(rounds) - 1
+            made.extend(await self._round(run, indices, journal, save_last=save_last or not last))
+        return sorted(made, key=lambda g: g.candidate.index)
+
+    def _rounds(self, todo: list[int]) -> list[list[int]]:
+        """The candidates to make, all at once, or in rounds for an early-stopping vote."""
+        if self.early_stop is None or not todo:
+            return [todo] if todo else []
+        size = self.early_stop.round_size
+        return [todo[k : k + size] for k in range(0, len(todo), size)]
+
+    def _settled(self, made: list[Generated]) -> str | None:
+        """Why the early-stopping rule says no more candidates are needed, if it does."""
+        if self.early_stop is None or not made:
+            return None
+        ordered = sorted((g.candidate for g in made), key=lambda c: c.index)
+        return self.early_stop.reason_to_stop([c for c in ordered if c.ok])
+
+    async def _round(
+        self, run: _Run, indices: list[int], journal: Journal | None, *, save_last: bool
+    ) -> list[Generated]:
+        """Make ``indices`` concurrently (saving each as it finishes), then the grace cut."""
+        work = self._work(run, indices)
         unsaved = len(work)
 
-        async def saved(unit: Awaitable[list[Generated]]) -> list[Generated]:
+        async def saved(unit: list[int], making: Awaitable[list[Generated]]) -> list[Generated]:
             nonlocal unsaved
-            made = await unit
+            try:
+                made = await making
+            except asyncio.CancelledError:
+                if run.cut is None:
+                    raise  # the run itself was cancelled (Ctrl-C, a cancelled task)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # we cancelled it on purpose: it ends with data
+                made = [run.not_started(i, "grace", run.cut, attempts=1) for i in unit]
             unsaved -= 1
             if journal is not None and (save_last or unsaved):
                 journal.add([g.to_plain() for g in made])
             return made
 
-        tasks = [asyncio.ensure_future(saved(unit)) for unit in work]
+        tasks = [asyncio.ensure_future(saved(unit, making)) for unit, making in work]
         try:
-            done = await asyncio.gather(*tasks)
+            if self.grace is None:
+                done = await asyncio.gather(*tasks)
+            else:
+                done = await self._with_grace(run, tasks)
             if journal is not None and save_last:
                 await journal.flush()  # what follows in the node must not cost a candidate
             elif journal is not None:
@@ -175,21 +244,44 @@ class FanOut:
             if journal is not None:
                 await _keep(journal, exc)
             raise
-        results = list(restored.values())
-        for item in done:
-            results.extend(item)
-        return sorted(results, key=lambda g: g.candidate.index)
+        return [g for item in done for g in item]
 
-    def _work(self, run: _Run, skip: set[int]) -> list[Awaitable[list[Generated]]]:
-        """One awaitable per call to make: a single candidate, or a multi-sample group."""
-        groups, single = self.groups()
-        work: list[Awaitable[list[Generated]]] = []
-        for indices in [[i] for i in single] + list(groups.values()):
-            todo = [i for i in indices if i not in skip]
-            if len(todo) == 1:
-                work.append(run.one(todo[0]))
-            elif todo:
-                work.append(run.group(self.generator(todo[0]), todo))
+    async def _with_grace(
+        self, run: _Run, tasks: Sequence[asyncio.Future[list[Generated]]]
+    ) -> list[list[Generated]]:
+        """Wait for ``quorum`` successes, then at most ``grace`` seconds for the rest, and
+        cancel what is still running (their calls are cancelled: HTTP requests closed, the
+        embedded model stopped between tokens)."""
+        assert self.grace is not None
+        pending: set[asyncio.Future[list[Generated]]] = set(tasks)
+        succeeded = 0
+        while pending and succeeded < self.quorum:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            succeeded += sum(g.candidate.ok for task in finished for g in task.result())
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=self.grace)
+        if pending:
+            run.cut = (
+                f"still running {self.grace:g} s after {self.quorum} candidate(s) had "
+                "succeeded (the grace window)"
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+        return [task.result() for task in tasks]
+
+    def _work(
+        self, run: _Run, indices: list[int]
+    ) -> list[tuple[list[int], Awaitable[list[Generated]]]]:
+        """One awaitable per call to make (a single candidate, or a multi-sample group),
+        with the candidates it makes."""
+        groups, single = self.groups(indices)
+        work: list[tuple[list[int], Awaitable[list[Generated]]]] = []
+        for unit in [[i] for i in single] + list(groups.values()):
+            if len(unit) == 1:
+                work.append((unit, run.one(unit[0])))
+            else:
+                work.append((unit, run.group(self.generator(unit[0]), unit)))
         return work
 
 
@@ -212,7 +304,7 @@ async def _keep(journal: Journal, exc: BaseException) -> None:
         journal.discard()
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Run:
     """One run of a :class:`FanOut`."""
 
@@ -223,6 +315,25 @@ class _Run:
     caller: Caller
     emit: EventSink
     seeds: list[int]
+    cut: str | None = None
+    """Set (to the reason) when the grace window cancels the candidates still running."""
+    started: float = field(default_factory=time.perf_counter)
+
+    def not_started(
+        self, index: int, cause: StopCause, why: str, *, attempts: int = 0
+    ) -> Generated:
+        """A candidate the run stopped (``attempts=1``) or did not start."""
+        candidate = Candidate.cancelled(
+            index=index,
+            model=self.fan_out.generator(index).name,
+            seed=self.seeds[index],
+            cause=cause,
+            why=why,
+            attempts=attempts,
+            latency_s=time.perf_counter() - self.started if attempts else 0.0,
+        )
+        self.emit(events.candidate_finished(candidate))
+        return Generated(candidate=candidate)
 
     def _info(self, index: int, generator: Generator) -> CallInfo:
         temperature = self.fan_out.temperature
@@ -409,7 +520,10 @@ def _generated(
                 **base, message=message, text=message_text(message), usage=TokenUsage.of(message)
             )
             return Generated(candidate=candidate, update=update)
-    candidate = Candidate(**base, error=ErrorInfo.of(error)).with_exception(error)
+    if isinstance(error, BudgetSpentError):
+        candidate = Candidate(**base, error=ErrorInfo.of(error), stopped="budget")
+    else:
+        candidate = Candidate(**base, error=ErrorInfo.of(error)).with_exception(error)
     return Generated(candidate=candidate)
 
 

@@ -15,6 +15,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable
@@ -109,6 +110,42 @@ def tool_calls_key(message: AIMessage) -> str:
     return "tool_calls:" + "|".join(calls)
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """When a majority vote may stop sampling: adaptive consistency (Aggarwal et al., 2023,
+    "Let's Sample Step by Step: Adaptive-Consistency for Efficient Reasoning").
+
+    Candidates are made in rounds of ``round_size``; between rounds, with ``v1`` votes for
+    the leading answer and ``v2`` for the runner-up, the rule takes the posterior
+    probability (uniform Beta prior) that the leader's share of the model's answers is above
+    the runner-up's, ``P = P[Binomial(v1 + v2 + 1, 1/2) <= v1]``, and stops once
+    ``P >= threshold``. With the defaults, four agreeing answers stop a run (P = 0.969);
+    three do not (P = 0.938), nor do 5 against 1.
+
+    Args:
+        threshold: The confidence at which to stop (0.5 to 1; higher samples more).
+        round_size: Candidates per round (larger: fewer rounds, so less latency, more
+            samples).
+    """
+
+    threshold: float = 0.95
+    round_size: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.threshold < 1:
+            msg = f"EarlyStop threshold must be in [0.5, 1), got {self.threshold!r}"
+            raise ValueError(msg)
+        if not isinstance(self.round_size, int) or self.round_size < 1:
+            msg = f"EarlyStop round_size must be a positive int, got {self.round_size!r}"
+            raise ValueError(msg)
+
+    @staticmethod
+    def confidence(leader: int, runner_up: int) -> float:
+        """P(the leader's true share is above the runner-up's), given their votes."""
+        trials = leader + runner_up + 1
+        return float(sum(math.comb(trials, k) for k in range(leader + 1)) / 2**trials)
+
+
 class MajorityVote(Selector):
     """Best-of-N by self-consistency: the most common normalised final answer wins (for
     tool-calling candidates, the most common set of tool calls). Ties go to the answer
@@ -118,16 +155,51 @@ class MajorityVote(Selector):
     Args:
         extract: Turns a candidate's text into the answer voted on
             (default :func:`final_answer`).
+        early_stop: Sample in rounds and stop once the vote is settled: an
+            :class:`EarlyStop` rule, or ``True`` for its defaults. The decision then says
+            how many candidates were made and why it stopped (``Decision.stop_reason``).
     """
 
-    def __init__(self, *, extract: Callable[[str], str] = final_answer) -> None:
+    def __init__(
+        self,
+        *,
+        extract: Callable[[str], str] = final_answer,
+        early_stop: EarlyStop | bool | None = None,
+    ) -> None:
         self.extract = extract
+        self.early_stop = EarlyStop() if early_stop is True else early_stop or None
+        if self.early_stop is not None and not isinstance(self.early_stop, EarlyStop):
+            kind = type(early_stop).__name__
+            msg = f"early_stop must be an EarlyStop or True, got {kind}: {early_stop!r}"
+            raise TypeError(msg)
         self.name = "majority_vote"
 
     def key(self, candidate: Candidate) -> str:
         if candidate.message is not None and candidate.message.tool_calls:
             return tool_calls_key(candidate.message)
         return self.extract(candidate.text)
+
+    @property
+    def round_size(self) -> int:
+        """Candidates per round of an early-stopping vote."""
+        return self.early_stop.round_size if self.early_stop is not None else 1
+
+    def reason_to_stop(self, candidates: Sequence[Candidate]) -> str | None:
+        """Why the vote over ``candidates`` (the successful ones so far) is settled under
+        the :class:`EarlyStop` rule, or ``None``."""
+        if self.early_stop is None or not candidates:
+            return None
+        votes = Counter(self.key(c) for c in candidates).most_common(2)
+        leader = votes[0][1]
+        runner_up = votes[1][1] if len(votes) > 1 else 0
+        confidence = EarlyStop.confidence(leader, runner_up)
+        if confidence < self.early_stop.threshold:
+            return None
+        return (
+            f"vote settled after {len(candidates)} answers: the leader has {leader}, the "
+            f"runner-up {runner_up}; P(leader ahead) = {confidence:.3f} >= "
+            f"{self.early_stop.threshold:g}"
+        )
 
     async def select(self, context: SelectionContext) -> Selection:
         keys = {c.index: self.key(c) for c in context.candidates}

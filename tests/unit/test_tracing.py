@@ -157,6 +157,12 @@ def test_fusion_span_tree(mode: Mode, tracing: Tracing) -> None:
         "fusion_graph.models": ("gen",),
         "fusion_graph.candidates.succeeded": 3,
         "fusion_graph.candidates.failed": 0,
+        "fusion_graph.candidates.cancelled": 0,
+        # Token usage per stage (the fakes count words).
+        "fusion_graph.usage.candidates.input_tokens": 18,
+        "fusion_graph.usage.candidates.output_tokens": 6,
+        "fusion_graph.usage.decision.input_tokens": 166,
+        "fusion_graph.usage.decision.output_tokens": 4,
         "fusion_graph.decision.method": "fusion:fusor",
         "fusion_graph.decision.fused": True,
         "fusion_graph.decision.fallback": False,

@@ -1,0 +1,72 @@
+"""A run's token budget (``max_total_tokens``): once it is spent, no new call starts.
+
+Every model call of a run (candidates, critiques, judge or fusor calls) goes through the
+run's :class:`~fusion_graph.runtime.Caller`, which asks the budget before each attempt and
+charges it with the usage the reply reports. A refused call fails with
+:class:`BudgetSpentError`: a refused candidate is kept as a cancelled candidate
+(``stopped="budget"``), a refused judge or fusor call makes the fallback decide, and the
+decision says the budget bound the run (``Decision.stopped == "budget"``).
+
+Calls already in flight when the budget runs out finish (their tokens are counted), so a
+run can end above the budget by what those calls used: with all N candidates started at
+once, the budget bounds what comes after them (critiques, judges, the rounds of an
+early-stopping vote, retries), and ``max_concurrency`` makes it bound the candidates too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from langchain_core.messages import AIMessage
+
+from fusion_graph.errors import FusionGraphError
+from fusion_graph.types import TokenUsage
+
+CostFn = Callable[[TokenUsage], float]
+"""What one call costs against ``max_total_tokens``, from the usage its reply reports."""
+
+
+def total_tokens(usage: TokenUsage) -> float:
+    """The default cost of a call: its prompt plus generated tokens."""
+    return float(usage.total_tokens)
+
+
+class BudgetSpentError(FusionGraphError):
+    """A call was not started because the run's token budget was spent."""
+
+
+@dataclass
+class Budget:
+    """What one run may still spend (one per run; only its event loop touches it)."""
+
+    limit: float
+    """``max_total_tokens``, in the units of ``cost``."""
+    cost: CostFn = total_tokens
+    """The cost of one call."""
+    spent: float = 0.0
+    """What the run's finished calls cost so far."""
+    refused: int = 0
+    """How many calls were not started."""
+
+    def check(self) -> None:
+        """Raise :class:`BudgetSpentError` when nothing is left (and count the refusal)."""
+        if self.spent >= self.limit:
+            self.refused += 1
+            msg = f"the run's token budget is spent ({self.spent:g} of {self.limit:g})"
+            raise BudgetSpentError(msg)
+
+    def charge(self, value: object) -> None:
+        """Count what a finished call's reply (a message, or a list of them) reports."""
+        replies = value if isinstance(value, list | tuple) else [value]
+        for reply in replies:
+            if isinstance(reply, dict):  # a node's update: its messages
+                reply = reply.get("messages", [])
+                reply = reply[-1] if isinstance(reply, list) and reply else reply
+            if isinstance(reply, AIMessage) and (usage := TokenUsage.of(reply)) is not None:
+                self.spent += self.cost(usage)
+
+    def charge_usage(self, usage: TokenUsage | None) -> None:
+        """Count usage made before this budget existed (a resumed or two-phase run)."""
+        if usage is not None:
+            self.spent += self.cost(usage)
