@@ -55,7 +55,7 @@ def test_grace_cancels_stragglers_after_the_quorum(mode: Mode) -> None:
     assert cancelled.error is not None and "grace window" in cancelled.error.message
     assert cancelled.attempts == 1 and cancelled.seed is not None
     # The stragglers' calls were really cancelled at the fake, not left running.
-    assert _wait_for(lambda: sorted(c.index for c in rec.cancelled) == [3, 4])
+    assert _wait_for(lambda: sorted(c.index or 0 for c in rec.cancelled) == [3, 4])
     [fusor_call] = rec.by_role("fusor")
     assert '<candidate index="2">' in fusor_call.prompt
     assert '<candidate index="3">' not in fusor_call.prompt
@@ -81,7 +81,8 @@ def test_failed_is_not_cancelled_and_does_not_count_for_the_quorum(mode: Mode) -
 
 def test_grace_in_the_subgraph_keeps_the_cancelled_candidates_in_state(mode: Mode) -> None:
     gen = FakeChatModel(replies=["a", "b", "c"], delays=[0, 0, SLOW])
-    graph = create_fusion_graph(gen, strategy="fusion", n=3, fusor=FakeChatModel(replies=["f"]), grace=0.05)
+    fusor = FakeChatModel(replies=["f"])
+    graph = create_fusion_graph(gen, strategy="fusion", n=3, fusor=fusor, grace=0.05)
     state = mode.invoke(graph.compile(), {"messages": [("user", "q?")]})
     assert [c.status for c in state["candidates"]] == ["ok", "ok", "cancelled"]
     assert state["decision"].stopped == "grace"
