@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 
-from fusion_graph.types import Candidate, Decision, Strategy
+from fusion_graph.types import Candidate, CandidateStatus, Decision, Strategy
 
 
 class CandidateStarted(TypedDict):
@@ -30,10 +30,12 @@ class CandidateFinished(TypedDict):
     index: int
     model: str
     ok: bool
+    status: CandidateStatus
+    """``"ok"``, ``"failed"``, or ``"cancelled"`` (by the run: grace, early stop, budget)."""
     latency_s: float
     output_tokens: int | None
     error: dict[str, str] | None
-    """``{"type": ..., "message": ...}`` when the candidate failed."""
+    """``{"type": ..., "message": ...}`` when the candidate failed or was cancelled."""
     critique_score: float | None
 
 
@@ -77,6 +79,7 @@ def candidate_finished(candidate: Candidate) -> CandidateFinished:
         "index": candidate.index,
         "model": candidate.model,
         "ok": candidate.ok,
+        "status": candidate.status,
         "latency_s": round(candidate.latency_s, 4),
         "output_tokens": usage.output_tokens if usage else None,
         "error": candidate.error.model_dump() if candidate.error else None,

@@ -28,7 +28,7 @@ from fusion_graph.cli.tracing import finish_tracing, start_tracing
 from fusion_graph.models import ModelSpec, build_model
 from fusion_graph.nodes.judges import make_selector
 from fusion_graph.types import Candidate, FusionResult, TokenUsage
-from fusion_graph.wrap import FusionRunnable, best_of_n, fusion_of_n
+from fusion_graph.wrap import FusionRunnable, StepOptions, best_of_n, fusion_of_n
 
 
 class StrategyName(StrEnum):
@@ -106,6 +106,7 @@ def _result_json(prompt: str, result: FusionResult, seconds: float) -> dict[str,
     candidates = []
     for c in result.candidates:
         data = c.model_dump(mode="json", exclude={"message"})
+        data["status"] = c.status
         data["tool_calls"] = list(c.message.tool_calls) if c.message is not None else []
         candidates.append(data)
     usage = result.usage
@@ -161,6 +162,32 @@ def ask(
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 0.8,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per candidate.")] = 200,
     seed: Annotated[int | None, typer.Option(help="Base seed (candidate i gets seed+i).")] = None,
+    min_candidates: Annotated[
+        int, typer.Option(min=1, help="Successful candidates needed to decide.")
+    ] = 1,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Straggler cut-off: once --min-candidates succeeded, wait at most this many "
+            "seconds for the rest, then cancel them.",
+        ),
+    ] = None,
+    early_stop: Annotated[
+        bool,
+        typer.Option(
+            help="With --selector vote: sample in rounds of 2 and stop once the vote is "
+            "settled (adaptive consistency).",
+        ),
+    ] = False,
+    max_tokens_total: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Token budget of the run: no new model call starts once its calls used this "
+            "many tokens.",
+        ),
+    ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=0.001, help="Seconds per model call before it fails.")
     ] = None,
@@ -205,28 +232,34 @@ def ask(
             provider = start_tracing(
                 trace_endpoint, trace_project, what="--trace", service_name="fusion-graph"
             )
+        if early_stop and not (
+            strategy is StrategyName.best_of_n and selector is SelectorName.vote
+        ):
+            msg = (
+                "--early-stop is a rule of the vote: use it with "
+                "--strategy best-of-n --selector vote"
+            )
+            raise CliError(msg, code=2)
+        if min_candidates > n:
+            msg = f"--min-candidates {min_candidates} is more than --n {n}"
+            raise CliError(msg, code=2)
         llm = choice.build()
         decider = llm.bind(temperature=0.2)
+        options: StepOptions = {
+            "critic": decider if critic else None,
+            "seed": seed,
+            "timeout": timeout,
+            "min_candidates": min_candidates,
+            "grace": grace,
+            "max_total_tokens": max_tokens_total,
+        }
         runnable: FusionRunnable
         if strategy is StrategyName.fusion:
-            runnable = fusion_of_n(
-                llm,
-                n=n,
-                fusor=decider,
-                critic=decider if critic else None,
-                seed=seed,
-                timeout=timeout,
-            )
+            runnable = fusion_of_n(llm, n=n, fusor=decider, **options)
         else:
             judge = llm.bind(temperature=0.0)
-            runnable = best_of_n(
-                llm,
-                n=n,
-                selector=make_selector(selector.value, judge),
-                critic=decider if critic else None,
-                seed=seed,
-                timeout=timeout,
-            )
+            vote = make_selector(selector.value, judge, early_stop=early_stop)
+            runnable = best_of_n(llm, n=n, selector=vote, **options)
         display = RunDisplay(n, err)
         started = time.perf_counter()
         with display:
@@ -253,6 +286,11 @@ def ask(
         if provider is not None:
             finish_tracing(provider, lost="The trace was not sent")
 
+    decision = result.decision
+    if decision.stopped is not None:
+        made = f"{decision.samples_used} of {n} candidates made"
+        why = escape(decision.stop_reason or "")
+        err.print(f"[magenta]Cut short[/] ({decision.stopped}, {made}): {why}")
     if show_candidates:
         err.print(Group(*(_candidate_panel(c) for c in result.candidates)))
     if as_json:

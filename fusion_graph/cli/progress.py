@@ -90,7 +90,7 @@ class RunDisplay:
                 error = event["error"]
                 row = {
                     "model": event["model"],
-                    "status": "ok" if event["ok"] else "failed",
+                    "status": event["status"],
                     "tokens": event["output_tokens"],
                     "seconds": event["latency_s"],
                     "error": f"{error['type']}: {error['message']}" if error else None,
@@ -99,7 +99,7 @@ class RunDisplay:
                 self.rows[event["index"]] = row
                 detail = f"{row['tokens']} tokens" if row["tokens"] is not None else "done"
                 if error:
-                    detail = f"failed, {row['error']}"
+                    detail = f"{row['status']}, {row['error']}"
                 self._line(
                     f"candidate {event['index']} finished in {row['seconds']:.2f} s: {detail}"
                 )

@@ -265,12 +265,17 @@ SELECTOR_NAMES = ("judge", "pairwise", "vote")
 """The selectors the command line, the batch jobs and the proxy know by name."""
 
 
-def make_selector(name: str, judge: Runnable[Any, Any] | None = None) -> Selector:
+def make_selector(
+    name: str, judge: Runnable[Any, Any] | None = None, *, early_stop: bool = False
+) -> Selector:
     """The selector called ``name``: ``"judge"`` (:class:`LLMJudge`), ``"pairwise"``
-    (:class:`PairwiseJudge`) or ``"vote"`` (:class:`~fusion_graph.MajorityVote`); the
-    judges need the ``judge`` model."""
+    (:class:`PairwiseJudge`) or ``"vote"`` (:class:`~fusion_graph.MajorityVote`, with
+    ``early_stop`` an early-stopping one); the judges need the ``judge`` model."""
     if name == "vote":
-        return MajorityVote()
+        return MajorityVote(early_stop=early_stop)
+    if early_stop:
+        msg = f"early stopping is a rule of the vote, not of the {name} selector: use vote"
+        raise ValueError(msg)
     if name not in SELECTOR_NAMES:
         msg = f"unknown selector {name!r}: choose from {', '.join(SELECTOR_NAMES)}"
         raise ValueError(msg)

@@ -71,6 +71,33 @@ def test_json_output_schema_with_critic() -> None:
     assert data["timings"]["total_s"] > 0
 
 
+def test_a_spent_token_budget_refuses_the_fusor_and_says_so() -> None:
+    code, out, errors = _ask(*FAST, "--max-tokens-total", "1", "--json", QUESTION)
+    assert code == 0, errors
+    data = json.loads(out)
+    # Both candidates started before anything was spent; the fusor call was refused.
+    assert [c["status"] for c in data["candidates"]] == ["ok", "ok"]
+    decision = data["decision"]
+    assert decision["stopped"] == "budget" and decision["fallback"] is True
+    assert decision["method"] == "majority_vote"
+    assert "Cut short (budget, 2 of 2 candidates made)" in errors
+
+
+def test_early_stop_vote_stops_when_greedy_answers_agree() -> None:
+    args = ["--n", "6", "--max-tokens", "16", "--temperature", "0", "--seed", "1"]
+    vote = ["--strategy", "best-of-n", "--selector", "vote", "--early-stop", "--json"]
+    code, out, errors = _ask(*args, *vote, "What is 2 + 2? Answer with a number.")
+    assert code == 0, errors
+    data = json.loads(out)
+    # Greedy answers agree: rounds of 2, settled after 4 (P = 0.969 >= 0.95).
+    statuses = [c["status"] for c in data["candidates"]]
+    assert statuses == ["ok"] * 4 + ["cancelled"] * 2
+    assert [c["attempts"] for c in data["candidates"]][4:] == [0, 0]
+    assert data["decision"]["samples_used"] == 4
+    assert data["decision"]["stopped"] == "early_stop"
+    assert "Cut short (early_stop, 4 of 6 candidates made)" in errors
+
+
 def test_prompt_from_stdin() -> None:
     code, out, errors = _ask(*FAST, "--json", "-", stdin="Say hello.\n")
     assert code == 0, errors
@@ -103,6 +130,8 @@ def test_unreachable_endpoint_is_a_sentence_not_a_traceback() -> None:
     [
         (["--model", "gpt-x", "q?"], "needs --base-url"),
         (["   "], "The prompt is empty"),
+        (["--early-stop", "q?"], "--early-stop is a rule of the vote"),
+        (["--n", "2", "--min-candidates", "3", "q?"], "--min-candidates 3 is more than --n 2"),
     ],
 )
 def test_bad_options_exit_2_with_a_sentence(args: list[str], message: str) -> None:
