@@ -574,3 +574,18 @@ def test_an_unreachable_collector_is_reported_once(caplog: pytest.LogCaptureFixt
     ours = [r for r in caplog.records if r.name == "fusion_graph"]
     assert len(ours) == 1 and "could not send traces" in ours[0].getMessage()
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry.exporter")]
+
+
+def test_a_cut_short_run_says_so_on_its_spans(mode: Mode, tracing: Tracing) -> None:
+    gen = FakeChatModel(replies=ANSWERS, delays=[0, 0, 30.0])
+    mode.invoke(fusion_of_n(gen, n=3, fusor=FakeChatModel(), grace=0.01), "q?")
+
+    run = attrs(tracing.one("fusion_graph.run"))
+    assert run["fusion_graph.candidates.succeeded"] == 2
+    assert run["fusion_graph.candidates.cancelled"] == 1
+    assert run["fusion_graph.candidates.failed"] == 0
+    assert run["fusion_graph.decision.stopped"] == "grace"
+    assert run["fusion_graph.decision.samples_used"] == 3
+    assert "grace window" in run["fusion_graph.decision.stop_reason"]
+    *_, cut = tracing.candidates()
+    assert attrs(cut)["error.type"] == "CancelledError"
