@@ -52,6 +52,9 @@ class Defaults:
     endpoint_concurrency: int | None = None
     """Calls in flight per remote endpoint; ``None`` leaves the endpoint's default (64 on
     loopback, 16 otherwise). The embedded model takes one call at a time."""
+    grace: float | None = None
+    """Straggler cut-off per prompt: once one teacher answered, wait at most this many
+    seconds for the others (see :attr:`~fusion_graph.batch.pool.Pool.grace`)."""
 
 
 @dataclass

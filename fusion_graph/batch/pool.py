@@ -229,6 +229,7 @@ class Pool:
         stats: JobStats,
         *,
         seed: int = 0,
+        grace: float | None = None,
     ) -> None:
         if not handles:
             msg = "the pool needs at least one model"
@@ -238,12 +239,16 @@ class Pool:
         self.stats = stats
         self.seed = seed
         """Base seed: candidate ``i`` gets ``seed + i``."""
+        self.grace = grace
+        """Straggler cut-off: once one candidate succeeded, wait at most this many seconds
+        for the others, then cancel them (:attr:`FanOut.grace`). A cut candidate is not
+        recorded in the store, so a rerun asks its teacher again."""
         self.models = [StoredModel.of(h, store, stats) for h in self.handles]
         self.generators = tuple(Generator.of(m) for m in self.models)
 
     def fan_out(self, n: int) -> FanOut:
         """The fan-out of ``n`` candidates."""
-        return FanOut(generators=self.generators, n=n, seed=self.seed)
+        return FanOut(generators=self.generators, n=n, seed=self.seed, grace=self.grace)
 
     async def candidates(self, item: PromptItem, n: int) -> CandidateSet:
         """The first ``n`` candidates of ``item``.
@@ -364,7 +369,7 @@ class JobModels:
         self.store = store
         self.stats = stats or JobStats()
         handles = build_pool(self.specs, defaults)
-        self.pool = Pool(handles, store, self.stats, seed=defaults.seed)
+        self.pool = Pool(handles, store, self.stats, seed=defaults.seed, grace=defaults.grace)
 
     def decider(
         self, text: str | None, *, role: str, temperature: float, max_tokens: int | None = None
