@@ -182,7 +182,7 @@ class FanOut:
             why = self._settled(made)
             if why is not None:
                 rest = [i for later in rounds[number:] for i in later]
-                made.extend(run.not_started(i, "early_stop", why) for i in rest)
+                made.extend(run.cancelled(i, "early_stop", why) for i in rest)
                 break
             last = number == len(rounds) - 1
             made.extend(await self._round(run, indices, journal, save_last=save_last or not last))
@@ -219,7 +219,7 @@ class FanOut:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()  # we cancelled it on purpose: it ends with data
-                made = [run.not_started(i, "grace", run.cut, attempts=1) for i in unit]
+                made = [run.cancelled(i, "grace", run.cut, attempts=1) for i in unit]
             unsaved -= 1
             if journal is not None and (save_last or unsaved):
                 journal.add([g.to_plain() for g in made])
@@ -319,7 +319,7 @@ class _Run:
     """Set (to the reason) when the grace window cancels the candidates still running."""
     started: float = field(default_factory=time.perf_counter)
 
-    def not_started(
+    def cancelled(
         self, index: int, cause: StopCause, why: str, *, attempts: int = 0
     ) -> Generated:
         """A candidate the run stopped (``attempts=1``) or did not start."""
