@@ -112,8 +112,8 @@ class FakeChatModel(BaseChatModel):
             candidates get ``replies[0]``), or a function ``(FakeCall) -> Reply``.
             A reply that is an exception is raised.
         delay: Seconds each call takes (``time.sleep`` / ``asyncio.sleep``).
-        delays: Seconds by candidate index (``delays[i % len]``), for generator calls;
-            other calls take ``delay``. A sync call that is told to stop
+        delays: Seconds by candidate index (``delays[i % len]``), for the calls that have
+            one (generator and critic calls); other calls take ``delay``. A sync call that is told to stop
             (:func:`~fusion_graph.runtime.stop_requested`) stops within 10 ms, like the
             embedded model between tokens.
         recorder: Where calls are recorded.
@@ -127,7 +127,7 @@ class FakeChatModel(BaseChatModel):
     delay: float = 0.0
     """Seconds per call."""
     delays: Sequence[float] | None = None
-    """Seconds per generator call, by candidate index."""
+    """Seconds per generator or critic call, by candidate index."""
     recorder: CallRecorder | None = None
     """Records every call."""
     model_name: str = "fake-chat"
@@ -195,7 +195,7 @@ class FakeChatModel(BaseChatModel):
                 self.recorder.exit(call, cancelled=cancelled)
 
     def _delay(self, call: FakeCall) -> float:
-        if self.delays and call.role == "generator":
+        if self.delays and call.role in ("generator", "critic"):
             return self.delays[(call.index or 0) % len(self.delays)]
         return self.delay
 

@@ -219,7 +219,11 @@ class FanOut:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()  # we cancelled it on purpose: it ends with data
-                made = [run.cancelled(i, "grace", run.cut, attempts=1) for i in unit]
+                # A candidate made before the cut (its critique was running) is kept.
+                made = [
+                    run.finished.get(i) or run.cancelled(i, "grace", run.cut, attempts=1)
+                    for i in unit
+                ]
             unsaved -= 1
             if journal is not None and (save_last or unsaved):
                 journal.add([g.to_plain() for g in made])
@@ -317,6 +321,8 @@ class _Run:
     seeds: list[int]
     cut: str | None = None
     """Set (to the reason) when the grace window cancels the candidates still running."""
+    finished: dict[int, Generated] = field(default_factory=dict)
+    """Candidates made so far (before their critiques), by index."""
     started: float = field(default_factory=time.perf_counter)
 
     def cancelled(
@@ -355,6 +361,7 @@ class _Run:
             )
             made = _generated(generator, index, seed, result)
             done(made.candidate)
+        self.finished[index] = made
         return [await self._critiqued(made)]
 
     async def group(self, generator: Generator, indices: list[int]) -> list[Generated]:
@@ -404,6 +411,7 @@ class _Run:
                 made = list(await asyncio.gather(*(self._retried(generator, m) for m in made)))
             for k, generated in enumerate(made):
                 done[k](generated.candidate)
+                self.finished[generated.candidate.index] = generated
         return list(await asyncio.gather(*(self._critiqued(m) for m in made)))
 
     async def _retried(self, generator: Generator, made: Generated) -> Generated:

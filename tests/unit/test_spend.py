@@ -229,3 +229,15 @@ def test_bad_spending_options_fail_at_build_time(
 ) -> None:
     with pytest.raises(error, match=match):
         fusion_of_n(FakeChatModel(), n=2, fusor=FakeChatModel(), **options)
+
+
+def test_a_candidate_cut_during_its_critique_keeps_its_answer(mode: Mode) -> None:
+    gen = FakeChatModel(replies=["a", "b"], delays=[0, 0.05])
+    # Candidate 0 is critiqued at once; candidate 1's critique is still running when the
+    # grace window (0.1 s after candidate 0) ends: its answer is kept, without a critique.
+    critic = FakeChatModel(replies=["fine"], delays=[0, SLOW])
+    step = fusion_of_n(gen, n=2, fusor=FakeChatModel(), critic=critic, grace=0.1)
+    result = mode.run(step, "q?")
+    assert [c.text for c in result.candidates] == ["a", "b"]
+    assert [c.status for c in result.candidates] == ["ok", "ok"]
+    assert len(result.candidates[0].critiques) == 1 and result.candidates[1].critiques == []
