@@ -113,9 +113,9 @@ class FakeChatModel(BaseChatModel):
             A reply that is an exception is raised.
         delay: Seconds each call takes (``time.sleep`` / ``asyncio.sleep``).
         delays: Seconds by candidate index (``delays[i % len]``), for the calls that have
-            one (generator and critic calls); other calls take ``delay``. A sync call that is told to stop
-            (:func:`~fusion_graph.runtime.stop_requested`) stops within 10 ms, like the
-            embedded model between tokens.
+            one (generator and critic calls); other calls take ``delay``. A sync call that
+            is told to stop (:func:`~fusion_graph.runtime.stop_requested`) stops within
+            10 ms, like the embedded model between tokens.
         recorder: Where calls are recorded.
         model_name: The name recorded on candidates.
     """
