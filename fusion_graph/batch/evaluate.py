@@ -11,6 +11,11 @@ same candidates, and each strategy's decider (:class:`~fusion_graph.Select` or
   is taken as is, without a judge call. When the judge gives no usable verdict, majority
   vote decides (counted in the ``fallbacks`` column).
 * ``majority-vote``: self-consistency on the extracted answer.
+* ``majority-vote-early``: the early-stopping vote (``MajorityVote(early_stop=...)``,
+  adaptive consistency) replayed on the stored candidates: rounds of ``round_size`` in
+  index order, stopping as soon as :meth:`~fusion_graph.MajorityVote.reason_to_stop` gives
+  a reason (the rule a live :class:`~fusion_graph.nodes.fanout.FanOut` asks between
+  rounds), then the vote among the candidates used. Its ``samples`` say how many.
 * ``fusion``: Fusion-of-N, the fusor writes one answer from the N candidates (also at N=1).
 
 Metrics (:mod:`fusion_graph.batch.metrics`), where the item has references: exact match
@@ -22,13 +27,23 @@ loses with fewer, ties otherwise (:func:`~fusion_graph.nodes.judges.combine_verd
 Identical answers tie without a judge call. ``win_rate = (wins + ties / 2) / items``. The
 ``oracle`` row is the share of items where any of the first N candidates is right: the
 ceiling for a selector. The table and files are in :mod:`fusion_graph.batch.report`.
+
+Cost: every answer records the candidates it used (``samples``) and their tokens
+(``candidate_tokens``, the candidates' reported ``total_tokens``) besides its
+``decision_tokens`` (fusor / judge); win-rate judging is counted apart
+(``winrate_tokens``), as a cost of the evaluation, not of the strategy. With
+``majority-vote`` and a fusion strategy both evaluated, each FusioN@N also gets a
+``majority-vote@fusion-budget`` row: the vote over the first N' candidates, N' the largest
+depth whose mean candidate tokens per item fit FusioN@N's mean tokens per item (its
+candidates and its fusor), at most the pool's depth ``max(N)``
+(:func:`~fusion_graph.batch.report.match_budget`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from langchain_core.runnables import Runnable
@@ -45,22 +60,40 @@ from fusion_graph.batch.metrics import (
 from fusion_graph.batch.pool import CandidateSet, JobModels, Pool
 from fusion_graph.batch.report import (
     AnswerRecord,
+    BudgetMatch,
     CandidateRecord,
     EvalReport,
     ItemResult,
     aggregate,
+    match_budget,
 )
 from fusion_graph.batch.store import StoreConflictError
 from fusion_graph.messages import message_text
 from fusion_graph.nodes.decide import Decider, Selector
+from fusion_graph.nodes.fanout import EarlyStopping
 from fusion_graph.nodes.fuse import Fuse
 from fusion_graph.nodes.judges import LLMJudge, PairwiseJudge
-from fusion_graph.nodes.select import MajorityVote, RewardFn, Select
+from fusion_graph.nodes.select import EarlyStop, MajorityVote, RewardFn, Select
 from fusion_graph.runtime import Caller
-from fusion_graph.types import TokenUsage
+from fusion_graph.types import Candidate, TokenUsage
 
-STRATEGY_NAMES = ("single", "bon-judge", "bon-pairwise", "majority-vote", "fusion")
+STRATEGY_NAMES = (
+    "single",
+    "bon-judge",
+    "bon-pairwise",
+    "majority-vote",
+    "majority-vote-early",
+    "fusion",
+)
 """The built-in strategies, in table order."""
+
+BUDGET_VOTE = "majority-vote"
+"""The strategy held to each fusion strategy's token budget (when both are evaluated)."""
+
+
+def budget_name(vote: str, fusion: str) -> str:
+    """The row of ``vote`` at the token budget of ``fusion``: ``majority-vote@fusion-budget``."""
+    return f"{vote}@{fusion}-budget"
 
 
 # --- strategies ---------------------------------------------------------------------------------
@@ -74,6 +107,9 @@ class EvalStrategy:
     name: str
     kind: Literal["single", "best_of_n", "fusion"]
     decider: Decider | None = None
+    early_stop: EarlyStopping | None = None
+    """Decide on the candidates an early-stopping run would have made (see
+    :func:`early_stopped`), not on all N."""
 
     @classmethod
     def single(cls) -> EvalStrategy:
@@ -89,6 +125,15 @@ class EvalStrategy:
         return cls(name=name, kind="best_of_n", decider=decider)
 
     @classmethod
+    def early_vote(cls, name: str, vote: MajorityVote) -> EvalStrategy:
+        """An early-stopping majority vote (``vote.early_stop`` set), replayed on the first
+        N stored candidates as a live run would make them (:func:`early_stopped`)."""
+        if vote.early_stop is None:
+            msg = f"{name} needs MajorityVote(early_stop=...)"
+            raise ValueError(msg)
+        return replace(cls.best_of_n(name, vote, fallback=vote), early_stop=vote)
+
+    @classmethod
     def fusion(cls, name: str, fusor: Runnable[Any, Any]) -> EvalStrategy:
         return cls(name=name, kind="fusion", decider=Fuse(fusor))
 
@@ -99,15 +144,24 @@ def default_strategies(
     judge: Runnable[Any, Any] | None,
     fusor: Runnable[Any, Any] | None,
     extract: Extractor = final_or_whole,
+    early_stop: EarlyStop | None = None,
 ) -> list[EvalStrategy]:
-    """The built-in strategies named (see :data:`STRATEGY_NAMES`)."""
+    """The built-in strategies named (see :data:`STRATEGY_NAMES`); ``early_stop`` is the
+    rule of ``majority-vote-early`` (default :class:`~fusion_graph.EarlyStop` ())."""
     out: list[EvalStrategy] = []
-    vote = MajorityVote(extract=lambda text: normalize(extract(text)))
+
+    def key(text: str) -> str:
+        return normalize(extract(text))
+
+    vote = MajorityVote(extract=key)
     for name in names:
         if name == "single":
             out.append(EvalStrategy.single())
         elif name == "majority-vote":
             out.append(EvalStrategy.best_of_n(name, vote))
+        elif name == "majority-vote-early":
+            rule = early_stop if early_stop is not None else EarlyStop()
+            out.append(EvalStrategy.early_vote(name, MajorityVote(extract=key, early_stop=rule)))
         elif name in ("bon-judge", "bon-pairwise"):
             if judge is None:
                 msg = f"{name} needs a judge model"
@@ -143,6 +197,23 @@ def _tokens(usage: TokenUsage | None) -> int:
     return usage.total_tokens if usage else 0
 
 
+def early_stopped(
+    candidates: Sequence[Candidate], rule: EarlyStopping
+) -> tuple[list[Candidate], str | None]:
+    """The candidates an early-stopping run would have made, in index order, and why it
+    stopped (``None``: it made them all). As :meth:`FanOut.generate
+    <fusion_graph.nodes.fanout.FanOut.generate>` does: rounds of ``rule.round_size``, and
+    before each round after the first, ``rule.reason_to_stop`` on the successful ones so far."""
+    used: list[Candidate] = []
+    size = rule.round_size
+    for start in range(0, len(candidates), size):
+        why = rule.reason_to_stop([c for c in used if c.ok]) if used else None
+        if why is not None:
+            return used, why
+        used.extend(candidates[start : start + size])
+    return used, None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Evaluator:
     """Evaluates items: candidates from the pool, every strategy at every N, metrics."""
@@ -156,6 +227,8 @@ class Evaluator:
     extract: Extractor = final_or_whole
     config: Mapping[str, Any] = field(default_factory=dict)
     """What the evaluation ran with (models and their settings), for ``eval.json``."""
+    budget_rows: bool = True
+    """Add the ``majority-vote@<fusion>-budget`` rows (when both strategies are evaluated)."""
 
     @classmethod
     def of(
@@ -170,9 +243,11 @@ class Evaluator:
         fusor: str | None = None,
         win_rate: bool = True,
         extract: Extractor = final_or_whole,
+        early_stop: EarlyStop | None = None,
     ) -> Evaluator:
         """The evaluator of a job: the built-in strategies named, the judges and the fusor
-        by spec (default: the first model; the win-rate judge: the BoN judge)."""
+        by spec (default: the first model; the win-rate judge: the BoN judge), the rule of
+        ``majority-vote-early`` (default :class:`~fusion_graph.EarlyStop` ())."""
         judge_model = models.judge(judge)
         rate_model = judge_model
         if winrate_judge is not None:
@@ -191,7 +266,11 @@ class Evaluator:
         return cls(
             pool=models.pool,
             strategies=default_strategies(
-                strategies, judge=judge_model, fusor=fusor_model, extract=extract
+                strategies,
+                judge=judge_model,
+                fusor=fusor_model,
+                extract=extract,
+                early_stop=early_stop,
             ),
             ns=ns,
             baseline=baseline,
@@ -220,12 +299,25 @@ class Evaluator:
                 out.append((strategy, n))
         return out
 
+    def budget_pairs(self) -> list[tuple[EvalStrategy, EvalStrategy]]:
+        """(vote, fusion) strategy pairs that get a budget row: :data:`BUDGET_VOTE` with each
+        fusion strategy, when both are evaluated (and :attr:`budget_rows`)."""
+        votes = [s for s in self.strategies if s.name == BUDGET_VOTE]
+        if not self.budget_rows or not votes:
+            return []
+        return [(votes[0], s) for s in self.strategies if s.kind == "fusion"]
+
     async def _answer(
         self, strategy: EvalStrategy, n: int, item: PromptItem, cset: CandidateSet
     ) -> AnswerRecord:
         pool = cset.candidates[:n]
-        ok = [c for c in pool if c.ok]
         record = AnswerRecord(strategy=strategy.name, n=n, text=None)
+        if strategy.early_stop is not None:
+            pool, record.stop_reason = early_stopped(pool, strategy.early_stop)
+        ok = [c for c in pool if c.ok]
+        used = pool[:1] if strategy.kind == "single" else pool
+        record.samples = len(used)
+        record.candidate_tokens = sum(_tokens(c.usage) for c in used)
         if strategy.kind == "single":
             first = pool[0]
             record.text, record.selected_index = (first.text, 0) if first.ok else (None, None)
@@ -278,7 +370,7 @@ class Evaluator:
         )
         for a, v in zip(compared, verdicts, strict=True):
             a.outcome, a.judged, a.verdicts = v.outcome, v.judged, list(v.verdicts)
-            a.decision_tokens += _tokens(v.usage)
+            a.winrate_tokens += _tokens(v.usage)
 
     async def item(self, item: PromptItem) -> ItemResult:
         cset = await self.pool.candidates(item, max(self.ns))
@@ -286,6 +378,13 @@ class Evaluator:
         answers = list(await asyncio.gather(*(self._answer(s, n, item, cset) for s, n in points)))
         if self.judge is not None:
             await self._win_rates(item, answers)
+        votes: dict[str, list[AnswerRecord]] = {}
+        for vote, _ in self.budget_pairs():
+            if vote.name not in votes:
+                depths = range(1, len(cset.candidates) + 1)
+                votes[vote.name] = list(
+                    await asyncio.gather(*(self._answer(vote, d, item, cset) for d in depths))
+                )
         candidates = []
         for c, teacher in zip(cset.candidates, cset.teachers, strict=True):
             exact, contains = _score(c.text if c.ok else None, item, self.extract)
@@ -298,6 +397,7 @@ class Evaluator:
                     replayed=c.index in cset.replayed,
                     exact=exact,
                     contains=contains,
+                    tokens=_tokens(c.usage),
                 )
             )
         oracle: dict[int, dict[str, bool]] = {}
@@ -314,7 +414,28 @@ class Evaluator:
             candidates=candidates,
             answers=answers,
             oracle=oracle,
+            votes=votes,
         )
+
+
+def add_budget_rows(
+    items: Sequence[ItemResult], evaluator: Evaluator
+) -> list[tuple[str, int, BudgetMatch]]:
+    """For each (vote, fusion) pair and N: the depth N' the vote can afford on FusioN@N's
+    tokens per item (:func:`~fusion_graph.batch.report.match_budget`), and each item's vote
+    at N' added to its answers as ``budget_name(vote, fusion)`` at N (in place)."""
+    added: list[tuple[str, int, BudgetMatch]] = []
+    if not items:
+        return added
+    for vote, fusion in evaluator.budget_pairs():
+        name = budget_name(vote.name, fusion.name)
+        for n in sorted(set(evaluator.ns)):
+            match = match_budget(items, fusion.name, n)
+            for it in items:
+                chosen = it.votes[vote.name][match.samples - 1]
+                it.answers.append(chosen.model_copy(update={"strategy": name, "n": n}))
+            added.append((name, n, match))
+    return added
 
 
 ItemEvent = Callable[[PromptItem, ItemResult | None], None]
@@ -355,5 +476,8 @@ async def run_eval(
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(items))))))
     report.items = [results[it.id] for it in items if it.id in results]
     points = [(s.name, n) for s, n in evaluator.points()]
-    report.scores = aggregate(report.items, points, evaluator.ns)
+    budgets = add_budget_rows(report.items, evaluator)
+    points += [(name, n) for name, n, _ in budgets]
+    matches = {(name, n): match for name, n, match in budgets}
+    report.scores = aggregate(report.items, points, evaluator.ns, budgets=matches)
     return report

@@ -1,6 +1,7 @@
 """Scoring an evaluation's answers: normalisation, answer extractors, exact match,
-contains-answer, and the pairwise win-rate (:func:`judge_pair`: an LLM judge in both
-orders, the votes combined by :func:`~fusion_graph.nodes.judges.combine_verdicts`).
+contains-answer, the pairwise win-rate (:func:`judge_pair`: an LLM judge in both
+orders, the votes combined by :func:`~fusion_graph.nodes.judges.combine_verdicts`), and a
+paired bootstrap interval for the difference of two strategies (:func:`paired_bootstrap`).
 
 Both matches compare after :func:`normalize` (case, punctuation, articles, thousands
 separators). The extractor, which takes the scored answer out of a reply, is pluggable
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,6 +120,55 @@ def contains_answer(
     """A reference appears, as whole words, in the extracted answer (both normalised)."""
     got = f" {normalize(extract(answer))} "
     return any(normalize(r) and f" {normalize(r)} " in got for r in references)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairedDifference:
+    """The mean of ``second - first`` over paired items, with a bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    level: float
+    items: int
+    resamples: int
+
+
+def paired_bootstrap(
+    first: Sequence[float],
+    second: Sequence[float],
+    *,
+    resamples: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """The mean paired difference ``second[i] - first[i]`` (e.g. 1/0 correctness of two
+    strategies on the same items) and its percentile bootstrap interval at ``level``:
+    items resampled with replacement ``resamples`` times, seeded (the same inputs give the
+    same interval)."""
+    if len(first) != len(second) or not first:
+        msg = f"two equally long, non-empty sequences are needed, got {len(first)}, {len(second)}"
+        raise ValueError(msg)
+    if not 0 < level < 1 or resamples < 1:
+        msg = f"level must be in (0, 1) and resamples positive, got {level!r}, {resamples!r}"
+        raise ValueError(msg)
+    diffs = [float(b) - float(a) for a, b in zip(first, second, strict=True)]
+    count = len(diffs)
+    rng = random.Random(seed)
+    means = sorted(
+        sum(diffs[rng.randrange(count)] for _ in range(count)) / count for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    low = means[min(resamples - 1, int(tail * resamples))]
+    high = means[min(resamples - 1, max(0, math.ceil((1 - tail) * resamples) - 1))]
+    return PairedDifference(
+        mean=sum(diffs) / count,
+        low=low,
+        high=high,
+        level=level,
+        items=count,
+        resamples=resamples,
+    )
 
 
 def win_rate(wins: int, ties: int, losses: int) -> float | None:

@@ -1,18 +1,24 @@
 """The results of an evaluation: per-item records, the table (one row per strategy and
 N, then the oracle rows: the share of items where any of the first N candidates is
 right), and the files (``eval.json``, ``eval.csv``, ``eval.md``, ``answers.jsonl``, a PNG
-plot)."""
+plot).
+
+Each row also says what the strategy cost per item: the candidates it used (``samples``)
+and its tokens (``tokens``: the used candidates' reported total tokens plus its decision
+calls', win-rate judging excluded). :func:`match_budget` finds how deep a vote can go on a
+fusion strategy's tokens (the ``majority-vote@fusion-budget`` rows).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fusion_graph.batch.metrics import win_rate
 from fusion_graph.batch.models import JobStats
@@ -29,6 +35,8 @@ class CandidateRecord(BaseModel):
     replayed: bool
     exact: bool | None = None
     contains: bool | None = None
+    tokens: int = 0
+    """Its reported total tokens (prompt and reply; 0 when the model reports none)."""
 
 
 class AnswerRecord(BaseModel):
@@ -48,8 +56,22 @@ class AnswerRecord(BaseModel):
     """Against the baseline; ``None`` for the baseline itself or without win-rates."""
     judged: bool = False
     verdicts: list[str | None] = []
+    samples: int = 0
+    """Candidates the strategy used: 1 for ``single``, N for the others, fewer for an
+    early-stopping vote that stopped (then ``stop_reason`` says why)."""
+    stop_reason: str | None = None
+    candidate_tokens: int = 0
+    """Tokens of the candidates used (their reported total tokens)."""
     decision_tokens: int = 0
-    """Tokens of the decision (fusor / judge) and of the win-rate judging."""
+    """Tokens of the decision calls (fusor / judge)."""
+    winrate_tokens: int = 0
+    """Tokens of judging this answer against the baseline's (a cost of the evaluation, not
+    of the strategy)."""
+
+    @property
+    def tokens(self) -> int:
+        """What the strategy cost: candidate and decision tokens."""
+        return self.candidate_tokens + self.decision_tokens
 
 
 class ItemResult(BaseModel):
@@ -62,6 +84,9 @@ class ItemResult(BaseModel):
     answers: list[AnswerRecord]
     oracle: dict[int, dict[str, bool]]
     """For each N: whether any of the first N candidates is right (exact / contains)."""
+    votes: dict[str, list[AnswerRecord]] = Field(default_factory=dict, exclude=True)
+    """A vote strategy's answer at every depth 1..max(N), for the budget rows (not written:
+    the chosen depth's answers are in ``answers``)."""
 
 
 class StrategyScore(BaseModel):
@@ -84,7 +109,57 @@ class StrategyScore(BaseModel):
     """Judge verdicts that could not be parsed (they count towards ties)."""
     fallbacks: int = 0
     """Decisions made by the fallback selector after the judge/fusor failed."""
+    samples: float | None = None
+    """Mean candidates used per item."""
+    tokens: float | None = None
+    """Mean tokens per item: the candidates used and the decision calls."""
+    candidate_tokens: int = 0
     decision_tokens: int = 0
+    winrate_tokens: int = 0
+    budget: float | None = None
+    """Budget rows: the mean tokens per item of the fusion row they are held to."""
+    capped: bool = False
+    """Budget rows: the depth was cut by the candidate pool (``max(N)``), not the budget."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetMatch:
+    """How deep a vote can go on a fusion row's tokens (:func:`match_budget`)."""
+
+    samples: int
+    """N': the depth chosen."""
+    tokens: float
+    """Mean tokens per item of the first N' candidates."""
+    budget: float
+    """Mean tokens per item of the fusion row (candidates and fusor)."""
+    capped: bool
+    """N' is the pool's depth, and one more candidate of mean size would still fit."""
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def match_budget(items: Sequence[ItemResult], strategy: str, n: int) -> BudgetMatch:
+    """The largest depth N' whose mean candidate tokens per item (the first N' candidates'
+    ``tokens``) are at most ``strategy`` @ ``n``'s mean tokens per item (candidates and
+    decision), over ``items``. N' is at least ``n`` (the fusion row used the first ``n``
+    candidates, and more) and at most the depth of the candidate pool."""
+    records = [a for it in items for a in it.answers if a.strategy == strategy and a.n == n]
+    if not records:
+        msg = f"no answers of {strategy}@{n} to match a budget to"
+        raise ValueError(msg)
+    budget = sum(a.tokens for a in records) / len(records)
+    depth = min(len(it.candidates) for it in items)
+    spent = [
+        sum(sum(c.tokens for c in it.candidates[:d]) for it in items) / len(items)
+        for d in range(1, depth + 1)
+    ]
+    affordable = [d for d in range(1, depth + 1) if spent[d - 1] <= budget]
+    samples = max(affordable, default=1)
+    used = spent[samples - 1]
+    capped = samples == depth and budget - used >= used / depth
+    return BudgetMatch(samples=samples, tokens=used, budget=budget, capped=capped)
 
 
 @dataclass
@@ -100,9 +175,14 @@ class EvalReport:
 
 
 def aggregate(
-    items: Sequence[ItemResult], points: Sequence[tuple[str, int]], ns: Sequence[int]
+    items: Sequence[ItemResult],
+    points: Sequence[tuple[str, int]],
+    ns: Sequence[int],
+    *,
+    budgets: Mapping[tuple[str, int], BudgetMatch] | None = None,
 ) -> list[StrategyScore]:
-    """The result table: one row per (strategy, N), then the oracle rows."""
+    """The result table: one row per (strategy, N), then the oracle rows. ``budgets``: the
+    budget rows' matches, by (strategy, N)."""
     scores: list[StrategyScore] = []
     for name, n in points:
         records = [a for it in items for a in it.answers if a.strategy == name and a.n == n]
@@ -134,9 +214,16 @@ def aggregate(
                     sum(v is None for v in a.verdicts) for a in records if a.judged
                 ),
                 fallbacks=sum(a.fallback for a in records),
+                samples=_mean([a.samples for a in records]),
+                tokens=_mean([a.tokens for a in records]),
+                candidate_tokens=sum(a.candidate_tokens for a in records),
                 decision_tokens=sum(a.decision_tokens for a in records),
+                winrate_tokens=sum(a.winrate_tokens for a in records),
             )
         )
+        match = (budgets or {}).get((name, n))
+        if match is not None:
+            scores[-1].budget, scores[-1].capped = match.budget, match.capped
     referenced_items = [it for it in items if it.references]
     if referenced_items:
         for n in sorted(set(ns)):
@@ -164,6 +251,13 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}%"
 
 
+def _samples(s: StrategyScore) -> str:
+    if s.samples is None:
+        return ""
+    text = f"{s.samples:.0f}" if s.samples == int(s.samples) else f"{s.samples:.2f}"
+    return f"{text} (capped)" if s.capped else text
+
+
 def table_rows(scores: Sequence[StrategyScore]) -> list[list[str]]:
     """The result table as text cells (the terminal table and ``eval.md``)."""
     rows = []
@@ -181,6 +275,8 @@ def table_rows(scores: Sequence[StrategyScore]) -> list[list[str]]:
                 if s.win_rate is not None
                 else "",
                 str(s.fallbacks) if s.strategy != "oracle" else "",
+                _samples(s),
+                "" if s.tokens is None else f"{s.tokens:.0f}",
             ]
         )
     return rows
@@ -195,10 +291,14 @@ TABLE_HEADER = [
     "W/T/L",
     "verdicts",
     "fallback",
+    "samples",
+    "tokens/item",
 ]
 """Columns of the result table: exact-match and contains-answer accuracy, win-rate against
 the baseline with wins/ties/losses, judge verdicts parsed / asked (two per judged
-comparison; identical answers are not judged), decisions taken by the fallback selector."""
+comparison; identical answers are not judged), decisions taken by the fallback selector,
+mean candidates used per item (``(capped)``: a budget row cut by the pool's depth) and
+mean tokens per item (candidates used and decision calls; win-rate judging excluded)."""
 
 
 def markdown_table(scores: Sequence[StrategyScore]) -> str:
@@ -245,6 +345,8 @@ _STYLE = {
     "bon-judge": ("#1f77b4", "-", "s"),
     "bon-pairwise": ("#2ca02c", "-", "^"),
     "majority-vote": ("#9467bd", "-", "D"),
+    "majority-vote-early": ("#8c564b", "--", "d"),
+    "majority-vote@fusion-budget": ("#e377c2", ":", "v"),
     "fusion": ("#d62728", "-", "o"),
     "oracle": ("#999999", ":", "x"),
 }
