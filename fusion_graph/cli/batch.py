@@ -43,6 +43,7 @@ from fusion_graph.cli.jobs import (
     usage,
 )
 from fusion_graph.models import ModelSpec
+from fusion_graph.nodes.select import EarlyStop
 
 
 class SelectorChoice(StrEnum):
@@ -247,6 +248,16 @@ def eval_command(
     win_rate: Annotated[
         bool, typer.Option("--win-rate/--no-win-rate", help="Judge pairwise win-rates.")
     ] = True,
+    early_stop_threshold: Annotated[
+        float,
+        typer.Option(
+            help="majority-vote-early stops once P(the leader is ahead) reaches this "
+            "(0.5 to 1, below 1).",
+        ),
+    ] = 0.95,
+    early_stop_round: Annotated[
+        int, typer.Option(min=1, help="majority-vote-early: candidates per round.")
+    ] = 2,
     extractor: Annotated[
         str,
         typer.Option(
@@ -280,7 +291,8 @@ def eval_command(
     api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     debug: Debug = False,
 ) -> None:
-    """Evaluate single sample, BoN (each selector), majority vote and FusioN at each N.
+    """Evaluate single sample, BoN (each selector), majority vote (fixed and early-stopping)
+    and FusioN at each N, with each one's samples and tokens per item.
 
     Every strategy at every N uses the first N of the same stored candidates. Metrics:
     exact-match and contains-answer accuracy against references, and win-rates against
@@ -301,6 +313,7 @@ def eval_command(
     def work(specs: list[ModelSpec]) -> tuple[EvalReport, dict[str, Path]]:
         ns, names = parse_ns(n), parse_strategies(strategies, baseline)
         extract = usage(get_extractor, extractor)
+        rule = usage(lambda _: EarlyStop(early_stop_threshold, early_stop_round), "")
         items, _ = read_items(dataset, Columns(), limit, None)
         store_path = store or out_dir / "store.sqlite"
         with CandidateStore(store_path) as db:
@@ -314,6 +327,7 @@ def eval_command(
                 fusor=fusor,
                 win_rate=win_rate,
                 extract=extract,
+                early_stop=rule,
             )
             report = asyncio.run(eval_with_progress(items, evaluator, concurrency))
         command = shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
@@ -327,6 +341,7 @@ def eval_command(
                 "baseline": baseline,
                 "extractor": extractor,
                 "win_rate": win_rate,
+                "early_stop": {"threshold": rule.threshold, "round_size": rule.round_size},
                 "store": str(store_path),
                 "temperature": temperature,
                 "max_tokens": max_tokens,

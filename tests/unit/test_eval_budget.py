@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from fusion_graph.batch import CandidateStore, Evaluator, JobStats, Pool, RecordedModel, run_eval
 from fusion_graph.batch.data import PromptItem, input_hash
@@ -29,9 +32,11 @@ from fusion_graph.batch.report import (
     match_budget,
     table_rows,
 )
+from fusion_graph.cli import app
 from fusion_graph.nodes.select import EarlyStop, MajorityVote
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel
 from fusion_graph.types import Candidate
+from tests.unit.test_batch import FakeOpenAI
 
 PROMPT = "Capital of France?"  # 3 words: the fake model's prompt tokens
 
@@ -363,3 +368,55 @@ def test_paired_bootstrap_mean_and_interval() -> None:
         paired_bootstrap([1.0], [1.0, 0.0])
     with pytest.raises(ValueError, match="non-empty"):
         paired_bootstrap([], [])
+
+
+# --- the eval command's early-stop options --------------------------------------------------------
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    fake.thread.start()
+    yield fake
+    fake.httpd.shutdown()
+    fake.httpd.server_close()
+
+
+def test_eval_command_takes_the_early_stop_rule(fake_server: FakeOpenAI, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "fr", "prompt": "Capital?", "reference": "Paris"}) + "\n")
+    url = fake_server.url
+
+    def run(*extra: str) -> dict[str, Any]:
+        out = tmp_path / "res"
+        args = [
+            "eval", str(data), "-m", f"vllm:{url}:gen", "--n", "4", "--no-win-rate",
+            "--strategies", "majority-vote,majority-vote-early,fusion",
+            "--fusor", f"openai:{url}:fusor", "--judge", f"openai:{url}:judge",
+            "--out", str(out), "--retries", "0", *extra,
+        ]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        payload: dict[str, Any] = json.loads((out / "eval.json").read_text())
+        return payload
+
+    def samples(payload: dict[str, Any], strategy: str) -> float:
+        return next(s["samples"] for s in payload["scores"] if s["strategy"] == strategy)
+
+    # The fake server's four candidates all differ: the default rule never stops.
+    default = run()
+    assert samples(default, "majority-vote-early") == 4.0
+    assert default["config"]["early_stop"] == {"threshold": 0.95, "round_size": 2}
+    assert samples(default, "majority-vote@fusion-budget") >= 4.0
+    # Rounds of 1 at 0.5: one answer (1-0, P = 0.75) settles it.
+    loose = run("--early-stop-threshold", "0.5", "--early-stop-round", "1")
+    assert samples(loose, "majority-vote-early") == 1.0
+    assert samples(loose, "majority-vote") == 4.0
+
+
+def test_eval_command_refuses_a_bad_threshold(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["eval", "--out", str(tmp_path), "--early-stop-threshold", "1"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "threshold must be in [0.5, 1)" in " ".join(result.stderr.split())
