@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := dev,cli,local,openai,otel,server,agents,serve
+EXTRAS := dev,cli,local,openai,otel,server,agents,serve,ray
 PHOENIX_VENV := .venv-phoenix
 STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 QUESTION ?= What is the capital of France, and what is it famous for?
