@@ -14,6 +14,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -249,7 +250,12 @@ def eval_summary(report: EvalReport, paths: dict[str, Path], baseline: str) -> N
         scores.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for row in table_rows(report.scores):
         scores.add_row(*row)
-    out.print(scores)
+    # Piped, rich assumes 80 columns and would cut cells: print the table at its own width.
+    console = out
+    if not out.is_terminal:
+        natural = Measurement.get(out, out.options.update_width(10_000), scores).maximum
+        console = Console(file=out.file, width=max(out.width, natural))
+    console.print(scores)
     rows = [("items failed", str(len(report.failed)))]
     table = summary(report.stats, rows)
     for key, path in paths.items():

@@ -325,9 +325,7 @@ class _Run:
     """Candidates made so far (before their critiques), by index."""
     started: float = field(default_factory=time.perf_counter)
 
-    def cancelled(
-        self, index: int, cause: StopCause, why: str, *, attempts: int = 0
-    ) -> Generated:
+    def cancelled(self, index: int, cause: StopCause, why: str, *, attempts: int = 0) -> Generated:
         """A candidate the run stopped (``attempts=1``) or did not start."""
         candidate = Candidate.cancelled(
             index=index,

@@ -386,6 +386,7 @@ def test_eval_command_takes_the_early_stop_rule(fake_server: FakeOpenAI, tmp_pat
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"id": "fr", "prompt": "Capital?", "reference": "Paris"}) + "\n")
     url = fake_server.url
+    printed: list[str] = []
 
     def run(*extra: str) -> dict[str, Any]:
         out = tmp_path / "res"
@@ -397,6 +398,7 @@ def test_eval_command_takes_the_early_stop_rule(fake_server: FakeOpenAI, tmp_pat
         ]  # fmt: skip
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
+        printed.append(result.stdout)
         payload: dict[str, Any] = json.loads((out / "eval.json").read_text())
         return payload
 
@@ -405,6 +407,8 @@ def test_eval_command_takes_the_early_stop_rule(fake_server: FakeOpenAI, tmp_pat
 
     # The fake server's four candidates all differ: the default rule never stops.
     default = run()
+    # Piped, the table is printed whole at its own width, not cut to 80 columns.
+    assert "majority-vote@fusion-budget" in printed[0] and "…" not in printed[0]
     assert samples(default, "majority-vote-early") == 4.0
     assert default["config"]["early_stop"] == {"threshold": 0.95, "round_size": 2}
     assert samples(default, "majority-vote@fusion-budget") >= 4.0
