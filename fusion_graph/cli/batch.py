@@ -141,6 +141,15 @@ def synth(
     seed: Seed = 0,
     timeout: Timeout = None,
     retries: Retries = 1,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Straggler cut-off: once one teacher answered a prompt, wait at most this "
+            "many seconds for the others, then cancel them (their answers are null, the "
+            "reason is in failed_teachers; the row is still written).",
+        ),
+    ] = None,
     limit: Limit = None,
     shard: Annotated[
         str | None,
