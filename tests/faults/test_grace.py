@@ -14,7 +14,7 @@ from fusion_graph import fusion_of_n
 from fusion_graph.cli import app
 from fusion_graph.integrations.openai_compat import openai_compatible
 from fusion_graph.testing import FakeChatModel
-from tests.faults.fake_openai import Fault, FakeOpenAI, Request, odd_seed
+from tests.faults.fake_openai import FakeOpenAI, Fault, Request, odd_seed
 
 pytestmark = pytest.mark.faults
 
