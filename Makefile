@@ -70,7 +70,7 @@ bench-vllm: setup vllm
 	$(BIN)/python -m benchmarks.vllm_backend
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not integration and not server and not faults"
+	$(BIN)/python -m pytest -m "not integration and not server and not faults and not ray"
 
 bench: setup
 	$(BIN)/python -m benchmarks
