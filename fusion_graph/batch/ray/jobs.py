@@ -28,6 +28,7 @@ from fusion_graph.batch.ray.cluster import ClusterStore, GateClient, gate_models
 from fusion_graph.batch.store import CandidateStore, StoreConflictError
 from fusion_graph.batch.synth import Synthesizer
 from fusion_graph.models import ModelSpec
+from fusion_graph.nodes.select import EarlyStop
 from fusion_graph.types import TokenUsage
 
 if TYPE_CHECKING:
@@ -65,6 +66,15 @@ class _ClusterModels(JobModels):
         return model
 
 
+def _key_envs(
+    defaults: Defaults, specs: Sequence[ModelSpec], deciders: Sequence[str | None]
+) -> set[str]:
+    every = [*specs, *(ModelSpec.parse(text) for text in deciders if text is not None)]
+    return {defaults.api_key_env} | {
+        str(s.options["api_key_env"]) for s in every if "api_key_env" in s.options
+    }
+
+
 @dataclass(frozen=True, kw_only=True)
 class SynthJob:
     """A ``synth`` job's models and decisions (the options of ``fusion-graph synth``)."""
@@ -78,6 +88,10 @@ class SynthJob:
     """The judge's spec (default: the first teacher's model)."""
     fusor: str | None = None
     """The fusor's spec (default: the first teacher's model)."""
+
+    def api_key_envs(self) -> set[str]:
+        """The environment variables holding the API keys of the job's endpoints."""
+        return _key_envs(self.defaults, self.teachers, [self.judge, self.fusor])
 
     def build(
         self, store: CandidateStore, stats: JobStats | None = None, gate: GateClient | None = None
@@ -102,6 +116,12 @@ class EvalJob:
     win_rate: bool = True
     extract: Extractor = final_or_whole
     """Importable by the workers (a module-level function)."""
+    early_stop: EarlyStop | None = None
+    """The rule of ``majority-vote-early`` (default :class:`~fusion_graph.EarlyStop` ())."""
+
+    def api_key_envs(self) -> set[str]:
+        """The environment variables holding the API keys of the job's endpoints."""
+        return _key_envs(self.defaults, self.models, [self.judge, self.winrate_judge, self.fusor])
 
     def build(
         self, store: CandidateStore, stats: JobStats | None = None, gate: GateClient | None = None
@@ -117,6 +137,7 @@ class EvalJob:
             fusor=self.fusor,
             win_rate=self.win_rate,
             extract=self.extract,
+            early_stop=self.early_stop,
         )
 
 

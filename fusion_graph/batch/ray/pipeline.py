@@ -65,6 +65,9 @@ def _pipeline(
     if workers is None:
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         workers = max(1, int(cpus // num_cpus)) if num_cpus > 0 else 1
+    # The workers read the endpoints' API keys from their environment: the driver's go along.
+    keys = {name: os.environ[name] for name in sorted(job.api_key_envs()) if name in os.environ}
+    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": keys}} if keys else {}
     return dataset.map_batches(item_json, batch_format="pyarrow").map_batches(
         stage,
         batch_format="pyarrow",
@@ -78,6 +81,7 @@ def _pipeline(
             "gate": shared.gate,
             "concurrency": concurrency,
         },
+        **remote_args,
     )
 
 
