@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -217,6 +218,8 @@ def _items_dataset(items: Sequence[PromptItem]) -> Dataset:
 def _quiet_data(progress_bars: bool) -> None:
     from ray.data import DataContext
 
+    if not progress_bars:  # the caller shows progress: Ray Data's own notes are noise then
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = DataContext.get_current()
     context.enable_progress_bars = progress_bars
     context.execution_options.preserve_order = False  # rows as they finish
