@@ -130,15 +130,15 @@ def run(
             seconds, first = _on_ray(job, items, tmp, f"ray{workers}", workers, concurrency)
             peak = fake.peak_in_flight
             results.append(Result("synth --ray", workers, prompts, seconds, peak, None, first))
+            print(results[0], results[-1], flush=True)
         # The limit: the most workers, a limit far below what they would send.
         fake.configure(rules=slow)
         bounded = _job(fake, teachers, limit)
         few = items[: max(prompts // 5, 20)]
-        seconds = _on_ray(bounded, few, tmp, "limited", max(sizes), concurrency)
+        seconds, first = _on_ray(bounded, few, tmp, "limited", max(sizes), concurrency)
+        peak = fake.peak_in_flight
         results.append(
-            Result(
-                "synth --ray, limited", max(sizes), len(few), seconds, fake.peak_in_flight, limit
-            )
+            Result("synth --ray, limited", max(sizes), len(few), seconds, peak, limit, first)
         )
     return results
 

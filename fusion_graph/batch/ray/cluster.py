@@ -300,7 +300,8 @@ def gate_models(handles: Sequence[ModelHandle], client: GateClient, explicit: in
 def ray_session(address: str | None = None, **init: Any) -> Iterator[None]:
     """Ray for one job: the cluster at ``address`` (``auto``, ``ray://host:10001``,
     ``host:6379``), else a local instance on loopback started for the job and stopped after
-    it. Inside an already initialised Ray (a user's own script), that one, left running."""
+    it (with Ray's usage reporting off unless ``RAY_USAGE_STATS_ENABLED`` says otherwise).
+    Inside an already initialised Ray (a user's own script), that one, left running."""
     import ray
 
     if ray.is_initialized():
@@ -308,6 +309,7 @@ def ray_session(address: str | None = None, **init: Any) -> Iterator[None]:
         return
     options: dict[str, Any] = {"log_to_driver": True, "configure_logging": False, **init}
     if address in (None, "local"):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a throwaway instance: no reports
         options.setdefault("_node_ip_address", "127.0.0.1")
         options.setdefault("include_dashboard", False)
         ray.init(address="local", **options)
