@@ -202,10 +202,13 @@ class FakeChatModel(BaseChatModel):
     def _wait(self, call: FakeCall) -> None:
         """Sleep the call's delay, stopping early (``CallStopped``) when told to."""
         end = time.monotonic() + self._delay(call)
-        while (left := end - time.monotonic()) > 0:
-            if stop_requested():
+        while True:
+            if stop_requested():  # checked after the last step too: a stopped call never replies
                 msg = "the fake was told to stop"
                 raise CallStopped(msg)
+            left = end - time.monotonic()
+            if left <= 0:
+                return
             time.sleep(min(left, 0.01))
 
     async def _await(self, call: FakeCall) -> None:

@@ -255,7 +255,8 @@ class FanOut:
     ) -> list[list[Generated]]:
         """Wait for ``quorum`` successes, then at most ``grace`` seconds for the rest, and
         cancel what is still running (their calls are cancelled: HTTP requests closed, the
-        embedded model stopped between tokens)."""
+        embedded model stopped between tokens). "Running" is as the fan-out sees it: a reply
+        still on its way up through the model client's callbacks is cut too."""
         assert self.grace is not None
         pending: set[asyncio.Future[list[Generated]]] = set(tasks)
         succeeded = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import durable
+from benchmarks import durable, spend
 from benchmarks.__main__ import main
 
 
@@ -32,3 +32,28 @@ def test_durable_benchmark_writes_the_table(tmp_path: Path) -> None:
     for path in ("sync", "async"):
         assert f"| 2 | {path} |" in text
     assert "Command: `python -m benchmarks.durable --sizes 2" in text
+
+
+def test_spend_benchmark_writes_the_tables(tmp_path: Path) -> None:
+    out = tmp_path / "spend.md"
+    argv = ["--runs", "4", "--sync-runs", "2", "--median", "0.01", "--out", str(out)]
+    assert spend.main(argv) == 0
+    text = out.read_text()
+    assert "| path | arm | runs | p50 ms | p90 ms | p99 ms |" in text
+    for path in ("async", "sync"):
+        for arm in ("without", "k=4, g=0.1 s", "k=6, g=0.1 s", "k=4, g=0.3 s"):
+            assert f"| {path} | {arm} | " in text
+    assert "Command: `python -m benchmarks.spend --runs 4" in text
+    result = spend.measure(3, 2, arms=[spend.Arm(), spend.Arm(2, 0.0)], median=0.01)
+    rows = result["rows"]
+    assert [(r["path"], r["arm"]) for r in rows] == [
+        ("async", "without"),
+        ("async", "k=2, g=0 s"),
+        ("sync", "without"),
+        ("sync", "k=2, g=0 s"),
+    ]
+    for r in rows:
+        assert r["kept"] + r["cancelled"] == 8
+        assert r["cut_but_kept"] == 0
+        assert r["fusor_saw_kept"] == r["runs"]
+    assert all(r["cancelled"] == 0 for r in rows if r["arm"] == "without")
