@@ -23,14 +23,17 @@ from typing import Annotated
 import typer
 
 from fusion_graph.batch.data import BUILTIN, Columns
-from fusion_graph.batch.evaluate import STRATEGY_NAMES, Evaluator
+from fusion_graph.batch.evaluate import STRATEGY_NAMES
 from fusion_graph.batch.metrics import EXTRACTORS, get_extractor
-from fusion_graph.batch.pool import FUSOR_TEMPERATURE, JUDGE_MAX_TOKENS, JobModels
+from fusion_graph.batch.pool import FUSOR_TEMPERATURE, JUDGE_MAX_TOKENS
+from fusion_graph.batch.ray import EvalJob, SynthJob, eval_on_ray, synth_on_ray
 from fusion_graph.batch.report import EvalReport, plot_scores, write_results
 from fusion_graph.batch.store import CandidateStore
-from fusion_graph.batch.synth import Synthesizer, SynthReport
+from fusion_graph.batch.synth import SynthReport
 from fusion_graph.cli.errors import err
 from fusion_graph.cli.jobs import (
+    EvalProgress,
+    SynthProgress,
     eval_summary,
     eval_with_progress,
     job_defaults,
@@ -79,6 +82,26 @@ ApiKeyEnv = Annotated[
     str, typer.Option(help="Environment variable with the API key of remote endpoints.")
 ]
 Debug = Annotated[bool, typer.Option(help="Show tracebacks on errors.")]
+UseRay = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run as a Ray Data pipeline (pip install 'fusion-graph[ray]'): on the cluster at "
+        "--ray-address, else on a local Ray started on loopback for the job. Same inputs, "
+        "outputs and rows; --concurrency is then per worker. See docs/ray.md.",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS",
+        help="With --ray: a running cluster (auto, ray://HOST:10001, HOST:6379).",
+    ),
+]
+RayWorkers = Annotated[
+    int | None,
+    typer.Option(min=1, help="With --ray: worker actors. Default: one per CPU of the cluster."),
+]
 
 
 # --- synth --------------------------------------------------------------------------------------
@@ -160,6 +183,9 @@ def synth(
     ] = None,
     prompt_field: Annotated[str, typer.Option(help="Column holding the prompt.")] = "prompt",
     id_field: Annotated[str, typer.Option(help="Column holding the id.")] = "id",
+    ray: UseRay = False,
+    ray_address: RayAddress = None,
+    ray_workers: RayWorkers = None,
     api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     debug: Debug = False,
 ) -> None:
@@ -186,10 +212,24 @@ def synth(
     def work(specs: list[ModelSpec]) -> tuple[SynthReport, int]:
         columns = Columns(prompt=prompt_field, id=id_field)
         items, duplicates = read_items(str(prompts), columns, limit, shard)
+        job = SynthJob(
+            teachers=specs, defaults=defaults, selector=selector.value, judge=judge, fusor=fusor
+        )
+        if ray:
+            with SynthProgress("synth (ray)") as shown:
+                report = synth_on_ray(
+                    items,
+                    job,
+                    output=output,
+                    store=store_path,
+                    address=ray_address,
+                    workers=ray_workers,
+                    concurrency=concurrency,
+                    on_event=shown.on_event,
+                )
+            return report, duplicates
         with CandidateStore(store_path) as db:
-            models = JobModels(specs, defaults, db)
-            synthesizer = Synthesizer.of(models, selector=selector.value, judge=judge, fusor=fusor)
-            report = asyncio.run(synth_with_progress(items, synthesizer, output, concurrency))
+            report = asyncio.run(synth_with_progress(items, job.build(db), output, concurrency))
         return report, duplicates
 
     report, duplicates = run_job(
@@ -297,6 +337,9 @@ def eval_command(
     timeout: Timeout = None,
     retries: Retries = 1,
     title: Annotated[str | None, typer.Option(help="Title of the plot.")] = None,
+    ray: UseRay = False,
+    ray_address: RayAddress = None,
+    ray_workers: RayWorkers = None,
     api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     debug: Debug = False,
 ) -> None:
@@ -325,20 +368,33 @@ def eval_command(
         rule = usage(lambda _: EarlyStop(early_stop_threshold, early_stop_round), "")
         items, _ = read_items(dataset, Columns(), limit, None)
         store_path = store or out_dir / "store.sqlite"
-        with CandidateStore(store_path) as db:
-            evaluator = Evaluator.of(
-                JobModels(specs, defaults, db),
-                ns=ns,
-                strategies=names,
-                baseline=baseline,
-                judge=judge,
-                winrate_judge=winrate_judge,
-                fusor=fusor,
-                win_rate=win_rate,
-                extract=extract,
-                early_stop=rule,
-            )
-            report = asyncio.run(eval_with_progress(items, evaluator, concurrency))
+        job = EvalJob(
+            models=specs,
+            defaults=defaults,
+            ns=ns,
+            strategies=names,
+            baseline=baseline,
+            judge=judge,
+            winrate_judge=winrate_judge,
+            fusor=fusor,
+            win_rate=win_rate,
+            extract=extract,
+            early_stop=rule,
+        )
+        if ray:
+            with EvalProgress("eval (ray)", len(items)) as shown:
+                report = eval_on_ray(
+                    items,
+                    job,
+                    store=store_path,
+                    address=ray_address,
+                    workers=ray_workers,
+                    concurrency=concurrency,
+                    on_item=shown.on_item,
+                )
+        else:
+            with CandidateStore(store_path) as db:
+                report = asyncio.run(eval_with_progress(items, job.build(db), concurrency))
         command = shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
         report.config.update(
             {

@@ -145,29 +145,48 @@ def summary(stats: JobStats, rows: Sequence[tuple[str, str]], title: str | None 
     return table
 
 
+class SynthProgress:
+    """The progress bar of a synth job (one process or Ray): rows done of total, rows/s,
+    failures so far (per teacher), calls and tokens. Use it as a context manager and pass
+    :meth:`on_event` to the job."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.progress = progress_bar()
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> SynthProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def on_event(self, kind: str, item: PromptItem | None, report: SynthReport) -> None:
+        if kind == "start":
+            done, total = report.already_done, report.total
+            line = detail(report.stats, 0)
+            self.task = self.progress.add_task(self.label, total=total, completed=done, detail=line)
+            return
+        assert self.task is not None
+        rate = report.written / max(report.stats.seconds, 1e-9)
+        teachers = ", ".join(f"{k} {v}" for k, v in sorted(report.teacher_failures.items()))
+        line = f"{detail(report.stats, len(report.failed))} · {rate:.1f} rows/s"
+        if teachers:
+            line += f" · failed answers: {teachers}"
+        self.progress.update(self.task, advance=1, detail=line)
+
+
 async def synth_with_progress(
     items: list[PromptItem], synthesizer: Synthesizer, output: Path, concurrency: int
 ) -> SynthReport:
-    stats = synthesizer.pool.stats
-    progress = progress_bar()
-    task: TaskID | None = None
-
-    def on_event(kind: str, item: PromptItem | None, report: SynthReport) -> None:
-        nonlocal task
-        if kind == "start":
-            done, total = report.already_done, report.total
-            task = progress.add_task("synth", total=total, completed=done, detail=detail(stats, 0))
-            return
-        assert task is not None
-        progress.update(task, advance=1, detail=detail(stats, len(report.failed)))
-
-    with progress:
+    with SynthProgress("synth") as shown:
         return await run_synth(
             items,
             synthesizer=synthesizer,
             output=output,
             concurrency=concurrency,
-            on_event=on_event,
+            on_event=shown.on_event,
         )
 
 
@@ -219,21 +238,41 @@ def parse_strategies(text: str, baseline: str) -> list[str]:
     return names if baseline in names else [baseline, *names]
 
 
+class EvalProgress:
+    """The progress bar of an eval job: items done of total, failures, and (when the job's
+    counters are in this process) calls and tokens. A context manager; pass
+    :meth:`on_item` to the job."""
+
+    def __init__(self, label: str, total: int, stats: JobStats | None = None) -> None:
+        self.stats = stats
+        self.failed = 0
+        self.progress = progress_bar()
+        self.task = self.progress.add_task(label, total=total, detail=self._detail())
+
+    def _detail(self) -> str:
+        if self.stats is None:
+            return f"{self.failed} failed"
+        return detail(self.stats, self.failed)
+
+    def __enter__(self) -> EvalProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def on_item(self, item: PromptItem, result: ItemResult | None) -> None:
+        self.failed += result is None
+        self.progress.update(self.task, advance=1, detail=self._detail())
+
+
 async def eval_with_progress(
     items: list[PromptItem], evaluator: Evaluator, concurrency: int
 ) -> EvalReport:
     stats = evaluator.pool.stats
-    failed = 0
-    with progress_bar() as progress:
-        task = progress.add_task("eval", total=len(items), detail=detail(stats, 0))
-
-        def on_item(item: PromptItem, result: ItemResult | None) -> None:
-            nonlocal failed
-            failed += result is None
-            progress.update(task, advance=1, detail=detail(stats, failed))
-
+    with EvalProgress("eval", len(items), stats) as shown:
         report = await run_eval(
-            items, evaluator=evaluator, concurrency=concurrency, on_item=on_item
+            items, evaluator=evaluator, concurrency=concurrency, on_item=shown.on_item
         )
     report.config["seconds"] = round(stats.seconds, 1)
     return report

@@ -247,3 +247,37 @@ def test_a_driver_killed_mid_job_then_rerun_writes_every_row_once(
     assert rows[: len(before)] == before  # the rows written before the kill are kept as is
     assert result["already_done"] >= len(before)
     assert result["written"] + result["already_done"] == 24
+
+
+def test_the_commands_with_ray_write_what_they_write_without(
+    ray_cluster: Cluster, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from fusion_graph.cli import app
+
+    _items(tmp_path / "p.jsonl", 6)
+    teachers = [a for spec in _specs(fake) for a in ("-t", spec.text)]
+    common = ["--selector", "vote", "--max-tokens", "32", "--retries", "0"]
+
+    def synth(out: str, *extra: str) -> list[dict[str, Any]]:
+        args = ["synth", str(tmp_path / "p.jsonl"), "-o", str(tmp_path / out), *teachers]
+        result = CliRunner().invoke(app, [*args, *common, *extra])
+        assert result.exit_code == 0, result.output
+        return sorted(_rows(tmp_path / out), key=lambda r: r["id"])
+
+    local = synth("local.jsonl")
+    on_ray = synth("ray.jsonl", "--ray", "--ray-address", ray_cluster.address)
+    assert [_comparable(r) for r in on_ray] == [_comparable(r) for r in local]
+
+    def evaluate(out: str, *extra: str) -> dict[str, Any]:
+        args = ["eval", str(tmp_path / "p.jsonl"), "-m", _specs(fake)[0].text, "--n", "1,2"]
+        more = ["--strategies", "majority-vote,fusion", "--no-win-rate", "--retries", "0"]
+        result = CliRunner().invoke(app, [*args, *more, "--out", str(tmp_path / out), *extra])
+        assert result.exit_code == 0, result.output
+        payload: dict[str, Any] = json.loads((tmp_path / out / "eval.json").read_text())
+        return payload
+
+    plain = evaluate("eval-local")
+    ray_eval = evaluate("eval-ray", "--ray", "--ray-address", ray_cluster.address)
+    assert ray_eval["scores"] == plain["scores"]

@@ -29,7 +29,6 @@ from fusion_graph.batch.ray.pipeline import (
     Shared,
     eval_on_ray,
     evaluate,
-    progress_text,
     synth_on_ray,
     synthesize,
 )
@@ -42,7 +41,6 @@ __all__ = [
     "SynthJob",
     "eval_on_ray",
     "evaluate",
-    "progress_text",
     "ray_session",
     "synth_on_ray",
     "synthesize",

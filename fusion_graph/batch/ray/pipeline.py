@@ -365,10 +365,3 @@ def eval_on_ray(
     report.config["seconds"] = round(stats.seconds, 1)
     report.config["ray"] = {"address": address or "local"}
     return report
-
-
-def progress_text(report: SynthReport) -> str:
-    """A line for a progress display: rows/s and failures per teacher so far."""
-    rate = report.written / max(report.stats.seconds, 1e-9)
-    failures = ", ".join(f"{k} {v}" for k, v in sorted(report.teacher_failures.items()))
-    return f"{rate:.1f} rows/s · teacher failures: {failures or 'none'}"
