@@ -29,6 +29,7 @@ from tests.faults.conftest import afresh
 from tests.faults.fake_openai import FakeOpenAI
 
 RAY = str(Path(sys.executable).with_name("ray"))
+LOOPBACK = "127.0.0.2"
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
@@ -103,8 +104,11 @@ def ray_cluster() -> Iterator[Cluster]:
 
     port = _free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="fgray-", dir="/tmp"))
-    cluster = Cluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    # 127.0.0.2, not 127.0.0.1: Ray replaces "127.0.0.1" and "localhost" in a cluster
+    # address with the machine's own network address (so other machines could reach it);
+    # any other loopback address is left alone, and the whole cluster stays on loopback.
+    cluster = Cluster(address=f"{LOOPBACK}:{port}", temp_dir=temp_dir)
+    common = ["--node-ip-address", LOOPBACK, "--num-cpus", "1", "--disable-usage-stats"]
     try:
         subprocess.run(
             [RAY, "start", "--head", "--port", str(port), "--include-dashboard=false",
@@ -116,7 +120,7 @@ def ray_cluster() -> Iterator[Cluster]:
             check=True, env=ENV, capture_output=True, timeout=120,
         )  # fmt: skip
         os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
-        ray.init(address=cluster.address, log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False, _node_ip_address=LOOPBACK)
         deadline = time.monotonic() + 60
         while ray.cluster_resources().get("CPU", 0) < 2:
             assert time.monotonic() < deadline, "the worker node did not join"

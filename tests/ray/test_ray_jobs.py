@@ -281,3 +281,23 @@ def test_the_commands_with_ray_write_what_they_write_without(
     plain = evaluate("eval-local")
     ray_eval = evaluate("eval-ray", "--ray", "--ray-address", ray_cluster.address)
     assert ray_eval["scores"] == plain["scores"]
+
+
+def test_synth_on_ray_with_the_embedded_model(ray_cluster: Cluster, tmp_path: Path) -> None:
+    """The README's command: every worker runs the embedded model."""
+    from typer.testing import CliRunner
+
+    from fusion_graph.cli import app
+
+    _items(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    teachers = ["-t", "local:temperature=0.3", "-t", "local:temperature=0.7"]
+    args = ["synth", str(tmp_path / "p.jsonl"), "-o", str(out), *teachers]
+    more = ["--selector", "vote", "--max-tokens", "8", "--ray", "--ray-address"]
+    result = CliRunner().invoke(app, [*args, *more, ray_cluster.address])
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert sorted(r["id"] for r in rows) == ["p0", "p1", "p2"]
+    for row in rows:
+        assert len(row["teachers"]) == 2 and all(row[t] for t in row["teachers"])
+        assert all(c["ok"] for c in row["candidates"]) and row["Fusion"]

@@ -308,17 +308,44 @@ def ray_session(address: str | None = None, **init: Any) -> Iterator[None]:
         yield
         return
     options: dict[str, Any] = {"log_to_driver": True, "configure_logging": False, **init}
-    if address in (None, "local"):
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a throwaway instance: no reports
-        options.setdefault("_node_ip_address", "127.0.0.1")
-        options.setdefault("include_dashboard", False)
-        ray.init(address="local", **options)
-    else:
+    if address not in (None, "local"):
         ray.init(address=address, **options)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a throwaway instance: no reports
+    options.setdefault("_node_ip_address", "127.0.0.1")
+    options.setdefault("include_dashboard", False)
+    with _single_node_on_loopback():
+        ray.init(address="local", **options)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _single_node_on_loopback() -> Iterator[None]:
+    """Keep a local Ray on loopback. A Ray node otherwise advertises (and its processes
+    connect over) the machine's network address, so that other nodes could join; Ray's own
+    switch for single-node mode is the setting it uses on macOS and Windows, read from the
+    environment by the processes it starts and at import by this one."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
-        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 def gate_state(gate: Any) -> Mapping[str, Mapping[str, int]]:
