@@ -146,14 +146,16 @@ def test_eval_end_to_end_on_the_builtin_set_then_replay(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads((out / "eval.json").read_text())
     table = {(s["strategy"], s["n"]): s for s in data["scores"]}
+    # With a vote and FusioN, the vote at FusioN's token budget is a row too (no win-rate).
+    budget = "majority-vote@fusion-budget"
     expected = {("single", 1)} | {
-        (s, n) for s in ("bon-judge", "majority-vote", "fusion", "oracle") for n in (1, 2)
+        (s, n) for s in ("bon-judge", "majority-vote", "fusion", "oracle", budget) for n in (1, 2)
     }
     assert set(table) == expected
     for (name, _), score in table.items():
         assert score["items"] == 2 and score["with_reference"] == 2
         assert 0.0 <= score["contains"] <= 1.0 and 0.0 <= score["exact"] <= score["contains"]
-        if name not in ("single", "oracle"):
+        if name not in ("single", "oracle", budget):
             assert score["wins"] + score["ties"] + score["losses"] == 2
             assert 0.0 <= score["win_rate"] <= 1.0
     assert table["oracle", 2]["contains"] >= table["single", 1]["contains"]
