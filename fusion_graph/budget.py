@@ -57,16 +57,30 @@ class Budget:
             raise BudgetSpentError(msg)
 
     def charge(self, value: object) -> None:
-        """Count what a finished call's reply (a message, or a list of them) reports."""
-        replies = value if isinstance(value, list | tuple) else [value]
-        for reply in replies:
-            if isinstance(reply, dict):  # a node's update: its messages
-                reply = reply.get("messages", [])
-                reply = reply[-1] if isinstance(reply, list) and reply else reply
-            if isinstance(reply, AIMessage) and (usage := TokenUsage.of(reply)) is not None:
+        """Count what a finished call reports: a message, the samples of a multi-sample
+        call, a node's update (or ``Command``) with its messages, or a structured output
+        with its ``raw`` message."""
+        for message in _ai_messages(value):
+            if (usage := TokenUsage.of(message)) is not None:
                 self.spent += self.cost(usage)
 
     def charge_usage(self, usage: TokenUsage | None) -> None:
         """Count usage made before this budget existed (a resumed or two-phase run)."""
         if usage is not None:
             self.spent += self.cost(usage)
+
+
+def _ai_messages(value: object) -> list[AIMessage]:
+    """The model replies in what a call returned."""
+    if isinstance(value, AIMessage):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [m for item in value for m in _ai_messages(item)]
+    update = getattr(value, "update", None)  # a LangGraph Command from a node
+    if update is not None and not isinstance(value, dict):
+        return _ai_messages(update)
+    if isinstance(value, dict):
+        if "raw" in value:  # with_structured_output(include_raw=True)
+            return _ai_messages(value["raw"])
+        return _ai_messages(value.get("messages", []))
+    return []

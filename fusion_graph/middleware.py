@@ -269,7 +269,8 @@ class FusionMiddleware(_FanOutMiddleware):
         **options: ``critic``, ``critique_prompt``, ``min_candidates``,
             ``max_concurrency``, ``timeout``, ``retry``, ``fallback``, ``seed``,
             ``temperature``, ``grace``, ``max_total_tokens``, ``cost``: see
-            :class:`~fusion_graph.options.FusionOptions`.
+            :class:`~fusion_graph.options.FusionOptions` (``max_total_tokens`` bounds one
+            model step, not the agent's whole run).
 
     Each step makes N handler calls for the candidates and one for the fusor (see the
     module docs for how that counts against LangChain's call limits).

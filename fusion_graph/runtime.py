@@ -275,6 +275,7 @@ class Caller:
         error is returned in the result."""
         start = time.perf_counter()
         attempts = 0
+        failed: Exception | None = None  # the last attempt's error
 
         async def attempt() -> T:
             if self.semaphore is None:
@@ -283,11 +284,15 @@ class Caller:
                 return await started()
 
         async def started() -> T:
-            nonlocal attempts
+            nonlocal attempts, failed
             if self.budget is not None:
                 self.budget.check()  # spent: this attempt does not start
             attempts += 1
-            value = await self._once(sync_fn, async_fn)
+            try:
+                value = await self._once(sync_fn, async_fn)
+            except Exception as exc:
+                failed = exc
+                raise
             if self.budget is not None:
                 self.budget.charge(value)
             return value
@@ -304,6 +309,8 @@ class Caller:
             # failure, never retried; it ends the run and LangGraph handles it.
             raise
         except Exception as exc:  # recorded, not raised: a failed call is data
+            if isinstance(exc, BudgetSpentError) and failed is not None:
+                exc = failed  # a retry the budget refused: the call failed with this
             return CallResult(None, exc, attempts, time.perf_counter() - start)
         return CallResult(value, None, attempts, time.perf_counter() - start)
 

@@ -15,7 +15,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 
-from fusion_graph.budget import Budget
+from fusion_graph.budget import Budget, BudgetSpentError
 from fusion_graph.events import EventSink, event_sink
 from fusion_graph.hooks import Phase, RunInfo, RunReport, current_hooks
 from fusion_graph.nodes.decide import Decider, TokenSink
@@ -168,24 +168,27 @@ def with_stops(
     decision: Decision, candidates: Sequence[Candidate], budget: Budget | None
 ) -> Decision:
     """The decision, saying what cut the run short (a spent budget, a settled vote, the
-    grace window), if anything did."""
-    refused = budget is not None and budget.refused > 0
-    stopped = [c for c in candidates if c.stopped is not None]
-    if not refused and not stopped:
-        return decision
-    if refused:
+    grace window), if anything did; with several causes, each reason is given and
+    ``stopped`` names the first of budget, early stop, grace."""
+    reasons: dict[StopCause, str] = {}
+    refused_critiques = any(
+        k.error is not None and k.error.type == BudgetSpentError.__name__
+        for c in candidates
+        for k in c.critiques
+    )
+    if (budget is not None and budget.refused) or refused_critiques:
         assert budget is not None
-        cause: StopCause = "budget"
-        reason = (
-            f"the token budget was spent ({budget.spent:g} of {budget.limit:g}): "
-            f"{budget.refused} call(s) not started"
-        )
-    else:
-        first = stopped[0]
-        assert first.stopped is not None and first.error is not None
-        cause, reason = first.stopped, first.error.message
+        spent = f"the token budget was spent ({budget.spent:g} of {budget.limit:g})"
+        refused = f": {budget.refused} call(s) not started" if budget.refused else ""
+        reasons["budget"] = spent + refused
+    for candidate in candidates:
+        if candidate.stopped is not None and candidate.stopped not in reasons:
+            reasons[candidate.stopped] = candidate.error.message if candidate.error else ""
+    if not reasons:
+        return decision
+    cause = next(c for c in ("budget", "early_stop", "grace") if c in reasons)
     used = sum(c.attempts > 0 for c in candidates)
-    update = {"stopped": cause, "stop_reason": reason, "samples_used": used}
+    update = {"stopped": cause, "stop_reason": "; ".join(reasons.values()), "samples_used": used}
     return decision.model_copy(update=update)
 
 

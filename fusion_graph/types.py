@@ -287,7 +287,7 @@ class Decision(BaseModel):
     stop_reason: str | None = None
     """Why, in words (e.g. the early-stopping vote's confidence when it stopped)."""
     samples_used: int | None = None
-    """How many candidates were started (set when ``stopped`` is)."""
+    """How many candidates the run asked for (``attempts > 0``; set when ``stopped`` is)."""
 
     def to_plain(self) -> dict[str, Any]:
         """The decision as checkpoint-safe data (:meth:`from_plain` reverses it)."""

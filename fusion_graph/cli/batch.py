@@ -301,7 +301,7 @@ def eval_command(
         float,
         typer.Option(
             help="majority-vote-early stops once P(the leader is ahead) reaches this "
-            "(0.5 to 1, below 1).",
+            "(above 0.5, below 1).",
         ),
     ] = 0.95,
     early_stop_round: Annotated[

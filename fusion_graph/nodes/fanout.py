@@ -175,6 +175,10 @@ class FanOut:
         restored = await _restored(journal)
         for generated in restored.values():
             sink(events.candidate_finished(generated.candidate))
+            if caller.budget is not None:  # what the earlier attempt spent counts too
+                caller.budget.charge_usage(generated.candidate.usage)
+                for notes in generated.candidate.critiques:
+                    caller.budget.charge_usage(notes.usage)
         run = _Run(self, source, conversation, config, caller, sink, self.seeds(restored))
         made = list(restored.values())
         rounds = self._rounds([i for i in range(self.n) if i not in restored])
@@ -185,7 +189,10 @@ class FanOut:
                 made.extend(run.cancelled(i, "early_stop", why) for i in rest)
                 break
             last = number == len(rounds) - 1
-            made.extend(await self._round(run, indices, journal, save_last=save_last or not last))
+            needed = self.quorum - sum(g.candidate.ok for g in made)  # for the grace window
+            made.extend(
+                await self._round(run, indices, journal, needed, save_last=save_last or not last)
+            )
         return sorted(made, key=lambda g: g.candidate.index)
 
     def _rounds(self, todo: list[int]) -> list[list[int]]:
@@ -197,13 +204,22 @@ class FanOut:
 
     def _settled(self, made: list[Generated]) -> str | None:
         """Why the early-stopping rule says no more candidates are needed, if it does."""
-        if self.early_stop is None or not made:
+        if self.early_stop is None:
             return None
         ordered = sorted((g.candidate for g in made), key=lambda c: c.index)
-        return self.early_stop.reason_to_stop([c for c in ordered if c.ok])
+        ok = [c for c in ordered if c.ok]
+        if not ok or len(ok) < self.quorum:  # min_candidates first, then the rule
+            return None
+        return self.early_stop.reason_to_stop(ok)
 
     async def _round(
-        self, run: _Run, indices: list[int], journal: Journal | None, *, save_last: bool
+        self,
+        run: _Run,
+        indices: list[int],
+        journal: Journal | None,
+        needed: int,
+        *,
+        save_last: bool,
     ) -> list[Generated]:
         """Make ``indices`` concurrently (saving each as it finishes), then the grace cut."""
         work = self._work(run, indices)
@@ -214,16 +230,11 @@ class FanOut:
             try:
                 made = await making
             except asyncio.CancelledError:
-                if run.cut is None:
-                    raise  # the run itself was cancelled (Ctrl-C, a cancelled task)
                 task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()  # we cancelled it on purpose: it ends with data
-                # A candidate made before the cut (its critique was running) is kept.
-                made = [
-                    run.finished.get(i) or run.cancelled(i, "grace", run.cut, attempts=1)
-                    for i in unit
-                ]
+                if run.cut is None or task not in run.cut_tasks or task.cancelling() > 1:
+                    raise  # the run itself was cancelled (Ctrl-C, a cancelled task)
+                task.uncancel()  # we cut it on purpose: it ends with data
+                made = [run.cut_short(i, run.cut) for i in unit]
             unsaved -= 1
             if journal is not None and (save_last or unsaved):
                 journal.add([g.to_plain() for g in made])
@@ -234,7 +245,7 @@ class FanOut:
             if self.grace is None:
                 done = await asyncio.gather(*tasks)
             else:
-                done = await self._with_grace(run, tasks)
+                done = await self._with_grace(run, tasks, needed)
             if journal is not None and save_last:
                 await journal.flush()  # what follows in the node must not cost a candidate
             elif journal is not None:
@@ -251,25 +262,32 @@ class FanOut:
         return [g for item in done for g in item]
 
     async def _with_grace(
-        self, run: _Run, tasks: Sequence[asyncio.Future[list[Generated]]]
+        self, run: _Run, tasks: Sequence[asyncio.Future[list[Generated]]], needed: int
     ) -> list[list[Generated]]:
-        """Wait for ``quorum`` successes, then at most ``grace`` seconds for the rest, and
-        cancel what is still running (their calls are cancelled: HTTP requests closed, the
-        embedded model stopped between tokens). "Running" is as the fan-out sees it: a reply
-        still on its way up through the model client's callbacks is cut too."""
+        """Wait for ``needed`` more successes, then at most ``grace`` seconds for the rest,
+        and cancel what is still running (their calls are cancelled: HTTP requests closed,
+        the embedded model stopped between tokens). "Running" is as the fan-out sees it: a
+        reply still on its way up through the model client's callbacks is cut too. Control
+        flow raised by a candidate (an ``interrupt()``) ends the wait at once."""
         assert self.grace is not None
+        loop = asyncio.get_running_loop()
         pending: set[asyncio.Future[list[Generated]]] = set(tasks)
-        succeeded = 0
-        while pending and succeeded < self.quorum:
+        while pending and needed > 0:
             finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            succeeded += sum(g.candidate.ok for task in finished for g in task.result())
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=self.grace)
+            needed -= sum(g.candidate.ok for task in finished for g in task.result())
+        deadline = loop.time() + self.grace
+        while pending and (left := deadline - loop.time()) > 0:
+            finished, pending = await asyncio.wait(
+                pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in finished:
+                task.result()  # raises control flow now, not when the window ends
         if pending:
             run.cut = (
                 f"still running {self.grace:g} s after {self.quorum} candidate(s) had "
                 "succeeded (the grace window)"
             )
+            run.cut_tasks = set(pending)
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending)
@@ -322,8 +340,20 @@ class _Run:
     seeds: list[int]
     cut: str | None = None
     """Set (to the reason) when the grace window cancels the candidates still running."""
+    cut_tasks: set[asyncio.Future[list[Generated]]] = field(default_factory=set)
+    """The tasks the grace window cancelled (any other cancellation is the run's own)."""
     finished: dict[int, Generated] = field(default_factory=dict)
     """Candidates made so far (before their critiques), by index."""
+
+    def cut_short(self, index: int, why: str) -> Generated:
+        """Candidate ``index`` when the grace window cut it: the candidate itself if it was
+        made (its critique was running), else a cancelled one."""
+        made = self.finished.get(index)
+        if made is None:
+            return self.cancelled(index, "grace", why, attempts=1)
+        self.emit(events.candidate_finished(made.candidate))
+        return made
+
     started: float = field(default_factory=time.perf_counter)
 
     def cancelled(self, index: int, cause: StopCause, why: str, *, attempts: int = 0) -> Generated:

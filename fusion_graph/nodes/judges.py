@@ -273,11 +273,11 @@ def make_selector(
     ``early_stop`` an early-stopping one); the judges need the ``judge`` model."""
     if name == "vote":
         return MajorityVote(early_stop=early_stop)
-    if early_stop:
-        msg = f"early stopping is a rule of the vote, not of the {name} selector: use vote"
-        raise ValueError(msg)
     if name not in SELECTOR_NAMES:
         msg = f"unknown selector {name!r}: choose from {', '.join(SELECTOR_NAMES)}"
+        raise ValueError(msg)
+    if early_stop:
+        msg = f"early stopping is a rule of the vote, not of the {name} selector: use vote"
         raise ValueError(msg)
     if judge is None:
         msg = f"the {name} selector needs a judge model"

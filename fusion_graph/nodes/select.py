@@ -123,7 +123,8 @@ class EarlyStop:
     three do not (P = 0.938), nor do 5 against 1.
 
     Args:
-        threshold: The confidence at which to stop (0.5 to 1; higher samples more).
+        threshold: The confidence at which to stop (above 0.5, below 1; higher samples
+            more).
         round_size: Candidates per round (larger: fewer rounds, so less latency, more
             samples).
     """
@@ -132,8 +133,8 @@ class EarlyStop:
     round_size: int = 2
 
     def __post_init__(self) -> None:
-        if not 0.5 <= self.threshold < 1:
-            msg = f"EarlyStop threshold must be in [0.5, 1), got {self.threshold!r}"
+        if not 0.5 < self.threshold < 1:
+            msg = f"EarlyStop threshold must be in (0.5, 1), got {self.threshold!r}"
             raise ValueError(msg)
         if not isinstance(self.round_size, int) or self.round_size < 1:
             msg = f"EarlyStop round_size must be a positive int, got {self.round_size!r}"

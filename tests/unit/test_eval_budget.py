@@ -412,8 +412,8 @@ def test_eval_command_takes_the_early_stop_rule(fake_server: FakeOpenAI, tmp_pat
     assert samples(default, "majority-vote-early") == 4.0
     assert default["config"]["early_stop"] == {"threshold": 0.95, "round_size": 2}
     assert samples(default, "majority-vote@fusion-budget") >= 4.0
-    # Rounds of 1 at 0.5: one answer (1-0, P = 0.75) settles it.
-    loose = run("--early-stop-threshold", "0.5", "--early-stop-round", "1")
+    # Rounds of 1 at 0.6: one answer (1-0, P = 0.75) settles it.
+    loose = run("--early-stop-threshold", "0.6", "--early-stop-round", "1")
     assert samples(loose, "majority-vote-early") == 1.0
     assert samples(loose, "majority-vote") == 4.0
 
@@ -423,4 +423,4 @@ def test_eval_command_refuses_a_bad_threshold(tmp_path: Path) -> None:
         app, ["eval", "--out", str(tmp_path), "--early-stop-threshold", "1"]
     )
     assert result.exit_code == 2, result.output
-    assert "threshold must be in [0.5, 1)" in " ".join(result.stderr.split())
+    assert "threshold must be in (0.5, 1)" in " ".join(result.stderr.split())

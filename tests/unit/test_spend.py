@@ -5,11 +5,16 @@ which candidates were cancelled, which calls the fakes saw cancelled or never sa
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.types import Command, RetryPolicy, interrupt
 
 from fusion_graph import (
     LLMJudge,
@@ -20,6 +25,7 @@ from fusion_graph import (
     fusion_of_n,
 )
 from fusion_graph.nodes.select import EarlyStop
+from fusion_graph.runtime import INDEX_KEY
 from fusion_graph.testing import CallRecorder, FakeChatModel, tool_call
 from tests.conftest import Mode
 
@@ -241,3 +247,105 @@ def test_a_candidate_cut_during_its_critique_keeps_its_answer(mode: Mode) -> Non
     assert [c.text for c in result.candidates] == ["a", "b"]
     assert [c.status for c in result.candidates] == ["ok", "ok"]
     assert len(result.candidates[0].critiques) == 1 and result.candidates[1].critiques == []
+
+
+# --- the edges (found in review) ----------------------------------------------------------------
+
+
+def test_grace_counts_the_successes_of_earlier_rounds(mode: Mode) -> None:
+    # Rounds of 2 (early-stopping vote that never settles); candidate 3 stalls. The quorum
+    # (2) is met in round 1, so round 2's window starts at once and cuts candidate 3.
+    gen = FakeChatModel(replies=["a", "b", "c", "d"], delays=[0, 0, 0, SLOW])
+    vote = MajorityVote(early_stop=EarlyStop(round_size=2))
+    step = best_of_n(gen, n=4, selector=vote, min_candidates=2, grace=0.05)
+    result = mode.run(step, "q?")
+    assert [c.status for c in result.candidates] == ["ok", "ok", "ok", "cancelled"]
+    assert result.decision.stopped == "grace"
+
+
+def test_early_stop_waits_for_min_candidates(mode: Mode) -> None:
+    rec = CallRecorder()
+    gen = FakeChatModel(replies=["4"], recorder=rec)
+    step = best_of_n(gen, n=8, selector=MajorityVote(early_stop=True), min_candidates=5)
+    result = mode.run(step, "q?")
+    assert len(rec.by_role("generator")) == 6  # rounds of 2 until 5 succeeded, then settled
+    assert sum(c.ok for c in result.candidates) == 6 and result.decision.stopped == "early_stop"
+
+
+def test_a_candidate_kept_after_its_critique_was_cut_is_reported_finished(mode: Mode) -> None:
+    events: list[Any] = []
+    gen = FakeChatModel(replies=["a", "b"], delays=[0, 0.05])
+    critic = FakeChatModel(replies=["fine"], delays=[0, SLOW])
+    step = fusion_of_n(gen, n=2, fusor=FakeChatModel(), critic=critic, grace=0.1)
+    if mode.sync:
+        step.run("q?", on_event=events.append)
+    else:
+        asyncio.run(step.arun("q?", on_event=events.append))
+    finished = sorted(e["index"] for e in events if e["event"] == "candidate_finished")
+    assert finished == [0, 1]
+
+
+def test_every_cause_is_given_and_the_vote_is_named_first(mode: Mode) -> None:
+    gen = FakeChatModel(replies=["4"], delays=[0, SLOW, 0, 0, 0, 0, 0, 0])
+    step = best_of_n(gen, n=8, selector=MajorityVote(early_stop=True), grace=0.05)
+    result = mode.run(step, "q?")
+    assert [c.stopped for c in result.candidates][1] == "grace"
+    assert result.decision.stopped == "early_stop"
+    reason = result.decision.stop_reason or ""
+    assert "grace window" in reason and "vote settled" in reason
+
+
+def test_a_retry_the_budget_refuses_keeps_the_real_error(mode: Mode) -> None:
+    def reply(call: Any) -> Any:
+        return RuntimeError("HTTP 500") if call.index == 0 else "b"
+
+    gen = FakeChatModel(replies=reply, delays=[0.05, 0])
+    retry = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=False, retry_on=RuntimeError)
+    step = best_of_n(gen, n=2, selector=MajorityVote(), max_total_tokens=1, retry=retry)
+    first = mode.run(step, "q?").candidates[0]
+    assert first.status == "failed" and first.stopped is None
+    assert first.error is not None and first.error.message == "HTTP 500"
+
+
+def test_a_node_answering_with_a_command_is_charged() -> None:
+    calls: list[int] = []
+    usage = {"input_tokens": 5, "output_tokens": 5, "total_tokens": 10}
+
+    def node(state: MessagesState) -> Command[Any]:
+        calls.append(1)
+        return Command(update={"messages": [AIMessage("x", usage_metadata=usage)]})
+
+    step = best_of_n(node, n=3, selector=MajorityVote(), max_concurrency=1, max_total_tokens=1)
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", step)
+    builder.add_edge(START, "agent")
+    builder.compile().invoke({"messages": [("user", "hi")]})
+    assert len(calls) == 1  # the first reply spent the budget
+
+
+def test_an_interrupt_during_the_grace_window_pauses_the_graph_at_once() -> None:
+    async def node(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+        index = config["metadata"][INDEX_KEY]
+        if index == 1:
+            await asyncio.sleep(0.05)
+            return {"messages": [AIMessage(f"approved {interrupt('ok?')}")]}
+        if index == 2:
+            await asyncio.sleep(SLOW)
+        return {"messages": [AIMessage(f"plain {index}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", best_of_n(node, n=3, selector=lambda m, c: c.index, grace=SLOW))
+    builder.add_edge(START, "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config: RunnableConfig = {"configurable": {"thread_id": "t"}}
+
+    async def main() -> dict[str, Any]:
+        # Without the fix this waits out the 30 s window: bound it well below that.
+        return await asyncio.wait_for(graph.ainvoke({"messages": [("user", "hi")]}, config), 10)
+
+    assert "__interrupt__" in asyncio.run(main())
+
+
+def test_threshold_one_half_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"threshold must be in \(0.5, 1\)"):
+        EarlyStop(threshold=0.5)
