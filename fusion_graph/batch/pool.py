@@ -242,7 +242,8 @@ class Pool:
         self.grace = grace
         """Straggler cut-off: once one candidate succeeded, wait at most this many seconds
         for the others, then cancel them (:attr:`FanOut.grace`). A cut candidate is not
-        recorded in the store, so a rerun asks its teacher again."""
+        recorded in the store: a later job over the store asks its teacher again (a synth
+        row is written without it, so rerunning that synth does not)."""
         self.models = [StoredModel.of(h, store, stats) for h in self.handles]
         self.generators = tuple(Generator.of(m) for m in self.models)
 
