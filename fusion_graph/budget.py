@@ -15,13 +15,14 @@ early-stopping vote, retries), and ``max_concurrency`` makes it bound the candid
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from langchain_core.messages import AIMessage
+from langgraph.types import Command
 
 from fusion_graph.errors import FusionGraphError
-from fusion_graph.types import TokenUsage
+from fusion_graph.types import Candidate, TokenUsage, usage_by_stage
 
 CostFn = Callable[[TokenUsage], float]
 """What one call costs against ``max_total_tokens``, from the usage its reply reports."""
@@ -64,10 +65,12 @@ class Budget:
             if (usage := TokenUsage.of(message)) is not None:
                 self.spent += self.cost(usage)
 
-    def charge_usage(self, usage: TokenUsage | None) -> None:
-        """Count usage made before this budget existed (a resumed or two-phase run)."""
-        if usage is not None:
-            self.spent += self.cost(usage)
+    def charge_made(self, candidates: Iterable[Candidate]) -> None:
+        """Count candidates (and their critiques) made before this budget existed: restored
+        on a resume, or made by the subgraph's generate node."""
+        for usage in usage_by_stage(candidates, None).values():
+            if usage is not None:
+                self.spent += self.cost(usage)
 
 
 def _ai_messages(value: object) -> list[AIMessage]:
@@ -76,9 +79,8 @@ def _ai_messages(value: object) -> list[AIMessage]:
         return [value]
     if isinstance(value, list | tuple):
         return [m for item in value for m in _ai_messages(item)]
-    update = getattr(value, "update", None)  # a LangGraph Command from a node
-    if update is not None and not isinstance(value, dict):
-        return _ai_messages(update)
+    if isinstance(value, Command):  # a node's update as a LangGraph Command
+        return _ai_messages(value.update)
     if isinstance(value, dict):
         if "raw" in value:  # with_structured_output(include_raw=True)
             return _ai_messages(value["raw"])

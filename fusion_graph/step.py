@@ -23,7 +23,7 @@ from fusion_graph.nodes.fanout import FanOut, Generated, check_quorum
 from fusion_graph.nodes.generator import generator_pool
 from fusion_graph.options import FusionOptions
 from fusion_graph.runtime import Caller, reraise_aborted
-from fusion_graph.types import Candidate, Decision, FusionResult, StopCause, usage_by_stage
+from fusion_graph.types import Candidate, Decision, FusionResult, StopCause
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,7 @@ class FusionStep:
         report = RunReport(candidates=candidates)
         caller = self.caller(sync=sync)
         if caller.budget is not None:  # what the generate node spent counts too
-            for stage in usage_by_stage(candidates, None).values():
-                caller.budget.charge_usage(stage)
+            caller.budget.charge_made(candidates)
         with current_hooks().run(self.run_info("decide", conversation), report):
             check_quorum(candidates, self.options.min_candidates)
             message, decision = await self.decider.run(conversation, candidates, config, caller)

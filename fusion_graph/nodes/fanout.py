@@ -175,10 +175,8 @@ class FanOut:
         restored = await _restored(journal)
         for generated in restored.values():
             sink(events.candidate_finished(generated.candidate))
-            if caller.budget is not None:  # what the earlier attempt spent counts too
-                caller.budget.charge_usage(generated.candidate.usage)
-                for notes in generated.candidate.critiques:
-                    caller.budget.charge_usage(notes.usage)
+        if caller.budget is not None:  # what the earlier attempt spent counts too
+            caller.budget.charge_made(g.candidate for g in restored.values())
         run = _Run(self, source, conversation, config, caller, sink, self.seeds(restored))
         made = list(restored.values())
         rounds = self._rounds([i for i in range(self.n) if i not in restored])
