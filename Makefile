@@ -10,6 +10,13 @@ EXTRAS := dev,cli,local,openai,otel,server,agents,serve,ray
 PHOENIX_VENV := .venv-phoenix
 STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 QUESTION ?= What is the capital of France, and what is it famous for?
+# llama.cpp built for the native CPU uses its AMX kernels where the CPU lists amx_tile, and
+# on such (virtual) machines they crash on the first batched decode (general protection
+# fault at ldtilecfg in ggml_backend_amx_mul_mat). There, build for the same x86-64 features
+# without AMX; elsewhere keep the native build.
+LLAMA_CMAKE_ARGS := $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo \
+	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON)
 
 .PHONY: setup demo test test-fast test-server lint typecheck bench bench-vllm clean phoenix vllm postgres
 
@@ -19,7 +26,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# llama-cpp-python compiles llama.cpp on first install (~6 min on 2 cores; pip caches the wheel)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 demo: setup
