@@ -1,16 +1,17 @@
 """Model specs: one string names a model, for the command line, the batch jobs, the proxy
 and the examples::
 
-    local[:OPTS]                       the embedded model (SmolLM2-135M-Instruct, CPU)
+    local[:OPTS]                       the embedded model (Qwen2.5-Coder-0.5B-Instruct, CPU)
     openai:URL:MODEL[:OPTS]            any OpenAI-compatible server (vLLM, llama.cpp server, ...)
     vllm:URL:MODEL[:OPTS]              a vLLM server: a prompt's k samples in one request (n=k)
 
 ``URL`` may list replicas of one model joined by ``+`` (``http://a:8000/v1+http://b:8000/v1``).
 ``OPTS`` is ``key=value,key=value`` with ``temperature``, ``top_p``, ``max_tokens``, ``seed``,
 ``name`` (a display or column name), ``concurrency`` (calls in flight per endpoint),
-``timeout`` (seconds per call), ``api_key_env`` and, for ``local``, ``path`` (another chat
-GGUF file). :func:`build_model` turns a spec (and one of its URLs) into a LangChain chat
-model.
+``timeout`` (seconds per call), ``api_key_env`` and, for ``local``, ``model`` (a packaged
+model: ``qwen2.5-coder-0.5b``, ``smollm2-135m``, ``qwen2.5-coder-1.5b``; or a chat GGUF
+file's path; ``path`` is the same for a file). :func:`build_model` turns a spec (and one of
+its URLs) into a LangChain chat model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from typing import Any, Literal, cast
 
 from langchain_core.language_models import BaseChatModel
 
+from fusion_graph.integrations.llama_cpp_models import (
+    DEFAULT_MODEL,
+    PACKAGED_MODELS,
+    resolve_model_file,
+)
+
 Kind = Literal["local", "openai", "vllm"]
 KINDS: tuple[Kind, ...] = ("local", "openai", "vllm")
 
@@ -31,7 +38,8 @@ SPEC_HELP = (
     "OpenAI-compatible server) or 'vllm:URL:MODEL[:OPTS]' (a vLLM server; a prompt's samples "
     "in one request). URL may join replicas of one model with '+'. OPTS is key=value,... "
     "with temperature, top_p, max_tokens, seed, name, concurrency (calls in flight per "
-    "endpoint), timeout, api_key_env, path (local GGUF). E.g. local:temperature=0.3,name=a"
+    "endpoint), timeout, api_key_env, model (local: a packaged model or a GGUF path). "
+    "E.g. local:model=smollm2-135m,temperature=0.3,name=a"
 )
 
 _OPTIONS: dict[str, type] = {
@@ -44,6 +52,7 @@ _OPTIONS: dict[str, type] = {
     "timeout": float,
     "api_key_env": str,
     "path": str,
+    "model": str,
 }
 _URLS = re.compile(
     r"^(?P<urls>https?://[^/\s:+]+(?::\d+)?[^\s:+]*(?:\+https?://[^/\s:+]+(?::\d+)?[^\s:+]*)*)"
@@ -100,6 +109,14 @@ class ModelSpec:
             if "path" in options and not Path(options["path"]).expanduser().is_file():
                 msg = f"model spec {text!r}: no GGUF file at {options['path']}"
                 raise ValueError(msg)
+            chosen = options.get("model")
+            known = chosen is None or chosen in PACKAGED_MODELS
+            if not known and not Path(str(chosen)).expanduser().is_file():
+                msg = (
+                    f"model spec {text!r}: {chosen!r} is neither a packaged model "
+                    f"({', '.join(PACKAGED_MODELS)}) nor a GGUF file"
+                )
+                raise ValueError(msg)
             return cls(kind="local", options=options, text=spec)
         found = _URLS.match(rest)
         if found is None:
@@ -119,8 +136,12 @@ class ModelSpec:
                 f"e.g. {kind}:http://127.0.0.1:8000/v1:Qwen/Qwen2.5-7B-Instruct"
             )
             raise ValueError(msg)
-        if "path" in _parse_options(options_text, text):
-            msg = f"model spec {text!r}: path= is for local models only"
+        local_only = {"path", "model"} & set(_parse_options(options_text, text))
+        if local_only:
+            msg = (
+                f"model spec {text!r}: {sorted(local_only)[0]}= is for local models only "
+                f"(the server's model name goes in {kind}:URL:MODEL)"
+            )
             raise ValueError(msg)
         return cls(
             kind=cast("Kind", kind),
@@ -172,7 +193,8 @@ def build_model(
     top_p = options.get("top_p")
     if spec.kind == "local":
         try:
-            from fusion_graph.integrations.llama_cpp import ChatLocalModel, default_model_path
+            from fusion_graph.integrations.llama_cpp import ChatLocalModel
+
         except ImportError as exc:
             msg = (
                 f"The embedded local model is not available ({exc}). Install it with "
@@ -181,11 +203,12 @@ def build_model(
             )
             raise ImportError(msg) from exc
         local: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
-        if "path" in options:
-            path = Path(options["path"]).expanduser()
-            local.update(model_path=str(path), model_name=path.stem)
+        chosen = options.get("model", options.get("path"))
+        if chosen is not None and chosen not in PACKAGED_MODELS:
+            local.update(model=str(Path(chosen).expanduser()))
         else:
-            default_model_path()  # a clear error now if the packaged file is missing
+            local.update(model=chosen or DEFAULT_MODEL)
+            resolve_model_file(local["model"])  # a clear error now if it is not installed
         if top_p is not None:
             local["top_p"] = top_p
         if seed is not None:

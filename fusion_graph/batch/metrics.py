@@ -25,6 +25,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from fusion_graph.messages import message_text
 from fusion_graph.nodes.judges import PairOutcome, combine_verdicts, parse_pairwise_output
 from fusion_graph.nodes.select import final_answer
+from fusion_graph.nodes.verdicts import PAIRWISE_SCHEMA, constrained_options
 from fusion_graph.prompts import PAIRWISE_PROMPT, PromptTemplate, build_pairwise_messages
 from fusion_graph.types import Candidate, TokenUsage
 
@@ -210,11 +211,12 @@ async def judge_pair(
     if normalize(answer) == normalize(baseline):
         return PairVerdict(outcome="tie", judged=False)
     mine, theirs = _as_candidate(answer, 0), _as_candidate(baseline, 1)
+    options = constrained_options(judge, PAIRWISE_SCHEMA, name="pairwise_verdict", logprobs=False)
 
     async def ask(first: Candidate, second: Candidate) -> tuple[str | None, TokenUsage | None]:
         messages = build_pairwise_messages(prompt, conversation, first, second)
         try:
-            reply = await judge.ainvoke(messages, config)
+            reply = await judge.ainvoke(messages, config, **options)
         except Exception:  # an unanswered order counts as no vote
             return None, None
         text = message_text(reply) if isinstance(reply, BaseMessage) else str(reply)

