@@ -18,15 +18,20 @@ same candidates, and each strategy's decider (:class:`~fusion_graph.Select` or
   rounds), then the vote among the candidates used. Its ``samples`` say how many.
 * ``fusion``: Fusion-of-N, the fusor writes one answer from the N candidates (also at N=1).
 
-Metrics (:mod:`fusion_graph.batch.metrics`), where the item has references: exact match
-(the extracted answer equals a reference) and contains-answer (a reference appears, as
-whole words, in the extracted answer). And the pairwise win-rate of each strategy against
+Metrics (:mod:`fusion_graph.batch.metrics`, never a judge), where the item has references:
+exact match (the extracted answer equals a reference), contains-answer (a reference
+appears, as whole words, in the extracted answer) and numeric (its last number equals a
+numeric reference; items with one only). And the pairwise win-rate of each strategy against
 a baseline (default ``single``; otherwise the baseline strategy at the same N), judged by
 an LLM in both orders: the strategy wins an item when it gets more of the two votes,
 loses with fewer, ties otherwise (:func:`~fusion_graph.nodes.judges.combine_verdicts`).
 Identical answers tie without a judge call. ``win_rate = (wins + ties / 2) / items``. The
 ``oracle`` row is the share of items where any of the first N candidates is right: the
-ceiling for a selector. The table and files are in :mod:`fusion_graph.batch.report`.
+ceiling for a selector. Every accuracy and win-rate has a bootstrap 95 % interval over
+items (:mod:`fusion_graph.batch.stats`); each fusion strategy is compared with the best
+BoN at each N on the same items (:mod:`fusion_graph.batch.paired`), and the BoN judges'
+verdicts are measured on the candidates (:mod:`fusion_graph.batch.judging`). The table
+and files are in :mod:`fusion_graph.batch.report`.
 
 Cost: every answer records the candidates it used (``samples``) and their tokens
 (``candidate_tokens``, the candidates' reported ``total_tokens``) besides its
@@ -49,6 +54,7 @@ from typing import Any, Literal
 from langchain_core.runnables import Runnable
 
 from fusion_graph.batch.data import PromptItem, prompt_config, prompt_messages
+from fusion_graph.batch.judging import WatchedJudge, judge_quality
 from fusion_graph.batch.metrics import (
     Extractor,
     contains_answer,
@@ -56,17 +62,13 @@ from fusion_graph.batch.metrics import (
     final_or_whole,
     judge_pair,
     normalize,
+    numeric_match,
+    numeric_reference,
 )
+from fusion_graph.batch.paired import fusion_vs_best_bon
 from fusion_graph.batch.pool import CandidateSet, JobModels, Pool
-from fusion_graph.batch.report import (
-    AnswerRecord,
-    BudgetMatch,
-    CandidateRecord,
-    EvalReport,
-    ItemResult,
-    aggregate,
-    match_budget,
-)
+from fusion_graph.batch.records import AnswerRecord, CandidateRecord, ItemResult
+from fusion_graph.batch.report import BudgetMatch, EvalReport, aggregate, match_budget
 from fusion_graph.batch.store import StoreConflictError
 from fusion_graph.messages import message_text
 from fusion_graph.nodes.decide import Decider, Selector
@@ -182,15 +184,30 @@ def default_strategies(
 # --- the evaluation ------------------------------------------------------------------------------
 
 
-def _score(text: str | None, item: PromptItem, extract: Extractor) -> tuple[bool | None, ...]:
+def _score(
+    text: str | None, item: PromptItem, extract: Extractor
+) -> tuple[bool | None, bool | None, bool | None]:
+    """Exact, contains and numeric (``None`` without a numeric reference); all ``None``
+    without references, all false (where they apply) without an answer."""
     if not item.references:
-        return None, None
+        return None, None, None
+    numeric = numeric_match(text or "", item.references, extract)
     if text is None:
-        return False, False
+        return False, False, numeric  # numeric: False, or None without a numeric reference
     return (
         exact_match(text, item.references, extract),
         contains_answer(text, item.references, extract),
+        numeric,
     )
+
+
+def _watched(decider: Decider) -> tuple[Decider, WatchedJudge | None]:
+    """For a BoN judge (pointwise or pairwise): the same decision with the judge watched
+    (for :mod:`~fusion_graph.batch.judging`); any other decider as it is."""
+    if isinstance(decider, Select) and isinstance(decider.selector, LLMJudge | PairwiseJudge):
+        watch = WatchedJudge(decider.selector)
+        return Select(watch, fallback=decider.fallback), watch
+    return decider, None
 
 
 def _tokens(usage: TokenUsage | None) -> int:
@@ -299,6 +316,11 @@ class Evaluator:
                 out.append((strategy, n))
         return out
 
+    def bon_strategies(self) -> list[EvalStrategy]:
+        """The Best-of-N strategies FusioN is compared with: every ``best_of_n`` one but
+        the early-stopping vote."""
+        return [s for s in self.strategies if s.kind == "best_of_n" and s.early_stop is None]
+
     def budget_pairs(self) -> list[tuple[EvalStrategy, EvalStrategy]]:
         """(vote, fusion) strategy pairs that get a budget row: :data:`BUDGET_VOTE` with each
         fusion strategy, when both are evaluated (and :attr:`budget_rows`)."""
@@ -329,8 +351,9 @@ class Evaluator:
         else:
             assert strategy.decider is not None
             config = prompt_config(item, run_name=f"eval[{item.id}] {strategy.name}@{n}")
+            decider, watch = _watched(strategy.decider)
             try:
-                message, decision = await strategy.decider.run(
+                message, decision = await decider.run(
                     prompt_messages(item), pool, config, Caller(sync=False)
                 )
             except Exception as exc:  # one decision's failure is that answer's
@@ -342,7 +365,10 @@ class Evaluator:
                 record.fallback = decision.fallback
                 record.method = decision.method
                 record.decision_tokens = _tokens(decision.usage)
-        record.exact, record.contains = _score(record.text, item, self.extract)
+            if watch is not None:
+                record.judge_asked, record.judge_valid = watch.asked, watch.valid
+                record.judge_scores = watch.scores
+        record.exact, record.contains, record.numeric = _score(record.text, item, self.extract)
         return record
 
     async def _win_rates(self, item: PromptItem, answers: Sequence[AnswerRecord]) -> None:
@@ -387,7 +413,7 @@ class Evaluator:
                 )
         candidates = []
         for c, teacher in zip(cset.candidates, cset.teachers, strict=True):
-            exact, contains = _score(c.text if c.ok else None, item, self.extract)
+            exact, contains, numeric = _score(c.text if c.ok else None, item, self.extract)
             candidates.append(
                 CandidateRecord(
                     index=c.index,
@@ -397,15 +423,18 @@ class Evaluator:
                     replayed=c.index in cset.replayed,
                     exact=exact,
                     contains=contains,
+                    numeric=numeric,
                     tokens=_tokens(c.usage),
                 )
             )
-        oracle: dict[int, dict[str, bool]] = {}
+        oracle: dict[int, dict[str, bool | None]] = {}
         if item.references:
+            numeric = any(numeric_reference(r) is not None for r in item.references)
             for n in sorted(set(self.ns)):
                 oracle[n] = {
                     "exact": any(bool(c.exact) for c in candidates[:n]),
                     "contains": any(bool(c.contains) for c in candidates[:n]),
+                    "numeric": any(bool(c.numeric) for c in candidates[:n]) if numeric else None,
                 }
         return ItemResult(
             id=item.id,
@@ -480,4 +509,22 @@ async def run_eval(
     points += [(name, n) for name, n, _ in budgets]
     matches = {(name, n): match for name, n, match in budgets}
     report.scores = aggregate(report.items, points, evaluator.ns, budgets=matches)
+    report.paired = fusion_vs_best_bon(
+        report.items,
+        report.scores,
+        fusion=[s.name for s in evaluator.strategies if s.kind == "fusion"],
+        bon=[s.name for s in evaluator.bon_strategies()],
+        ns=evaluator.ns,
+    )
+    judges = [
+        (s.name, s.decider.selector)
+        for s in evaluator.strategies
+        if isinstance(s.decider, Select) and s.early_stop is None
+    ]
+    report.judges = judge_quality(
+        report.items,
+        pointwise=[name for name, j in judges if isinstance(j, LLMJudge)],
+        pairwise=[name for name, j in judges if isinstance(j, PairwiseJudge)],
+        win_rate=evaluator.judge is not None,
+    )
     return report

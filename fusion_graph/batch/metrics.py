@@ -1,27 +1,47 @@
-"""Scoring an evaluation's answers: normalisation, answer extractors, exact match,
-contains-answer, the pairwise win-rate (:func:`judge_pair`: an LLM judge in both
-orders, the votes combined by :func:`~fusion_graph.nodes.judges.combine_verdicts`), and a
-paired bootstrap interval for the difference of two strategies (:func:`paired_bootstrap`).
+"""Scoring an evaluation's answers against references (three matchers, never a judge),
+the answer extractors, and the pairwise win-rate (:func:`judge_pair`: an LLM judge in both
+orders, the votes combined by :func:`~fusion_graph.nodes.judges.combine_verdicts`).
 
-Both matches compare after :func:`normalize` (case, punctuation, articles, thousands
-separators). The extractor, which takes the scored answer out of a reply, is pluggable
-(:data:`EXTRACTORS`, or any ``module:function``).
+Every matcher first takes the scored answer out of the reply with the extractor
+(:data:`EXTRACTORS`, default ``final``: the ``\\boxed{}`` / ``####`` / "answer is" part when
+present and not empty, else the whole reply; or any ``module:function``), then:
+
+* **exact** (:func:`exact_match`): the extracted answer, normalised, equals a reference,
+  normalised. :func:`normalize` lower-cases, drops thousands separators (``1,000`` ->
+  ``1000``), replaces punctuation and ``_`` by spaces, drops the articles a / an / the and
+  collapses whitespace: ``"The  Eiffel-Tower!"`` == ``"eiffel tower"``; ``"Paris,
+  France"`` != ``"Paris"``; an empty answer never matches.
+* **contains** (:func:`contains_answer`): a normalised reference occurs in the normalised
+  extracted answer as whole words (``"It is Paris."`` contains ``Paris``; ``"123"`` does
+  not contain ``12``). Lenient: a reply listing several answers gets credit.
+* **numeric** (:func:`numeric_match`): only for items with a numeric reference (a
+  reference that is one number: optional sign, digits with optional thousands commas,
+  optional decimals, e.g. ``4``, ``-3``, ``1,000``, ``2.50``); other references are
+  ignored, and an item without a numeric reference has no numeric score (``None``). The
+  answer is the *last* number in the extracted answer (:func:`last_number`: thousands
+  separators dropped, a minus sign only when it does not follow a letter or digit, so
+  ``5-7`` ends in ``7``), compared by value: ``"4.0"`` == ``"4"``, ``"1,000"`` ==
+  ``"1000"``, ``"-3"`` == ``"-3"``, ``"2 or 3"`` != ``"2"``. Number words (``four``) are not
+  numbers here (``contains`` matches them when a reference spells them).
+
+Intervals and tests on these scores are in :mod:`fusion_graph.batch.stats`
+(:func:`paired_bootstrap` is re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import math
-import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 
+from fusion_graph.batch.stats import PairedDifference, paired_bootstrap
 from fusion_graph.messages import message_text
 from fusion_graph.nodes.judges import PairOutcome, combine_verdicts, parse_pairwise_output
 from fusion_graph.nodes.select import final_answer
@@ -32,7 +52,26 @@ from fusion_graph.types import Candidate, TokenUsage
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s]")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
+_NUMERIC_REFERENCE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+__all__ = [
+    "EXTRACTORS",
+    "Extractor",
+    "PairVerdict",
+    "PairedDifference",
+    "contains_answer",
+    "exact_match",
+    "final_or_whole",
+    "get_extractor",
+    "judge_pair",
+    "last_number",
+    "normalize",
+    "numeric_match",
+    "numeric_reference",
+    "paired_bootstrap",
+    "win_rate",
+]
 
 
 def normalize(text: str) -> str:
@@ -53,9 +92,12 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _last_number(text: str) -> str:
-    found = _NUMBER.findall(_THOUSANDS.sub("", text))
-    return found[-1] if found else ""
+def last_number(text: str) -> str:
+    """The last number in ``text`` (thousands separators dropped; a minus sign counts when
+    it does not follow a letter or digit); ``""`` without one. ``"5-7 or 1,000"`` ->
+    ``"1000"``."""
+    found = _NUMBER.findall(_THOUSANDS.sub("", text.replace("\u2212", "-")))
+    return str(found[-1]) if found else ""
 
 
 def _whole(text: str) -> str:
@@ -78,7 +120,7 @@ EXTRACTORS: dict[str, Extractor] = {
     "text": _whole,
     "first-line": _first_line,
     "last-line": _last_line,
-    "number": _last_number,
+    "number": last_number,
 }
 """Built-in extractors: ``final`` (the ``\\boxed{}`` / ``####`` / "answer is" part when
 present and not empty, else the whole reply; the default), ``text`` (the whole reply),
@@ -123,53 +165,30 @@ def contains_answer(
     return any(normalize(r) and f" {normalize(r)} " in got for r in references)
 
 
-@dataclass(frozen=True, kw_only=True)
-class PairedDifference:
-    """The mean of ``second - first`` over paired items, with a bootstrap interval."""
-
-    mean: float
-    low: float
-    high: float
-    level: float
-    items: int
-    resamples: int
+def numeric_reference(reference: str) -> Decimal | None:
+    """The value of a reference that is one number (``"4"``, ``"-3"``, ``"1,000"``,
+    ``"2.50"``), else ``None``."""
+    text = reference.strip()
+    if not _NUMERIC_REFERENCE.fullmatch(text):
+        return None
+    return Decimal(text.replace(",", ""))
 
 
-def paired_bootstrap(
-    first: Sequence[float],
-    second: Sequence[float],
-    *,
-    resamples: int = 10_000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> PairedDifference:
-    """The mean paired difference ``second[i] - first[i]`` (e.g. 1/0 correctness of two
-    strategies on the same items) and its percentile bootstrap interval at ``level``:
-    items resampled with replacement ``resamples`` times, seeded (the same inputs give the
-    same interval)."""
-    if len(first) != len(second) or not first:
-        msg = f"two equally long, non-empty sequences are needed, got {len(first)}, {len(second)}"
-        raise ValueError(msg)
-    if not 0 < level < 1 or resamples < 1:
-        msg = f"level must be in (0, 1) and resamples positive, got {level!r}, {resamples!r}"
-        raise ValueError(msg)
-    diffs = [float(b) - float(a) for a, b in zip(first, second, strict=True)]
-    count = len(diffs)
-    rng = random.Random(seed)
-    means = sorted(
-        sum(diffs[rng.randrange(count)] for _ in range(count)) / count for _ in range(resamples)
-    )
-    tail = (1 - level) / 2
-    low = means[min(resamples - 1, int(tail * resamples))]
-    high = means[min(resamples - 1, max(0, math.ceil((1 - tail) * resamples) - 1))]
-    return PairedDifference(
-        mean=sum(diffs) / count,
-        low=low,
-        high=high,
-        level=level,
-        items=count,
-        resamples=resamples,
-    )
+def numeric_match(
+    answer: str, references: Sequence[str], extract: Extractor = final_or_whole
+) -> bool | None:
+    """The last number of the extracted answer equals a numeric reference, by value
+    (``"4.0"`` == ``"4"``); ``None`` when no reference is a number (the matcher does not
+    apply to the item)."""
+    values = [v for v in (numeric_reference(r) for r in references) if v is not None]
+    if not values:
+        return None
+    got = last_number(extract(answer))
+    try:
+        number = Decimal(got)
+    except InvalidOperation:
+        return False
+    return any(number == v for v in values)
 
 
 def win_rate(wins: int, ties: int, losses: int) -> float | None:

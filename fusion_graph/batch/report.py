@@ -1,12 +1,16 @@
-"""The results of an evaluation: per-item records, the table (one row per strategy and
-N, then the oracle rows: the share of items where any of the first N candidates is
-right), and the files (``eval.json``, ``eval.csv``, ``eval.md``, ``answers.jsonl``, a PNG
-plot).
+"""The results of an evaluation: the table (one row per strategy and N, then the oracle
+rows: the share of items where any of the first N candidates is right), FusioN against the
+best BoN, the judges' quality, and the files (``eval.json``, ``eval.csv``, ``eval.md``,
+``answers.jsonl``, a PNG plot). The records themselves are in
+:mod:`fusion_graph.batch.records`.
 
-Each row also says what the strategy cost per item: the candidates it used (``samples``)
-and its tokens (``tokens``: the used candidates' reported total tokens plus its decision
-calls', win-rate judging excluded). :func:`match_budget` finds how deep a vote can go on a
-fusion strategy's tokens (the ``majority-vote@fusion-budget`` rows).
+Every accuracy (exact, contains, numeric) and win-rate comes with its bootstrap 95 %
+interval over items (:func:`~fusion_graph.batch.stats.bootstrap`: ``*_low`` / ``*_high``
+in the files, ``70.0% [55.0, 82.5]`` in the table). Each row also says what the strategy
+cost per item: the candidates it used (``samples``) and its tokens (``tokens``: the used
+candidates' reported total tokens plus its decision calls', win-rate judging excluded).
+:func:`match_budget` finds how deep a vote can go on a fusion strategy's tokens (the
+``majority-vote@fusion-budget`` rows).
 """
 
 from __future__ import annotations
@@ -14,112 +18,43 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
-
+from fusion_graph.batch.judging import JudgeQuality
 from fusion_graph.batch.metrics import win_rate
 from fusion_graph.batch.models import JobStats
-from fusion_graph.nodes.judges import PairOutcome
+from fusion_graph.batch.paired import PAIRED_METRIC, PairedTest
+from fusion_graph.batch.plot import plot_scores
+from fusion_graph.batch.records import (
+    AnswerRecord,
+    CandidateRecord,
+    CandidateScore,
+    ItemResult,
+    StrategyScore,
+)
+from fusion_graph.batch.stats import bootstrap
 
-
-class CandidateRecord(BaseModel):
-    """One candidate of one item, as scored."""
-
-    index: int
-    model: str
-    text: str | None
-    error: str | None
-    replayed: bool
-    exact: bool | None = None
-    contains: bool | None = None
-    tokens: int = 0
-    """Its reported total tokens (prompt and reply; 0 when the model reports none)."""
-
-
-class AnswerRecord(BaseModel):
-    """One strategy's answer at one N for one item."""
-
-    strategy: str
-    n: int
-    text: str | None
-    error: str | None = None
-    selected_index: int | None = None
-    fused: bool = False
-    fallback: bool = False
-    method: str | None = None
-    exact: bool | None = None
-    contains: bool | None = None
-    outcome: PairOutcome | None = None
-    """Against the baseline; ``None`` for the baseline itself or without win-rates."""
-    judged: bool = False
-    verdicts: list[str | None] = []
-    samples: int = 0
-    """Candidates the strategy used: 1 for ``single``, N for the others, fewer for an
-    early-stopping vote that stopped (then ``stop_reason`` says why)."""
-    stop_reason: str | None = None
-    candidate_tokens: int = 0
-    """Tokens of the candidates used (their reported total tokens)."""
-    decision_tokens: int = 0
-    """Tokens of the decision calls (fusor / judge)."""
-    winrate_tokens: int = 0
-    """Tokens of judging this answer against the baseline's (a cost of the evaluation, not
-    of the strategy)."""
-
-    @property
-    def tokens(self) -> int:
-        """What the strategy cost: candidate and decision tokens."""
-        return self.candidate_tokens + self.decision_tokens
-
-
-class ItemResult(BaseModel):
-    """Everything evaluated for one item (a line of ``answers.jsonl``)."""
-
-    id: str
-    prompt: str
-    references: list[str]
-    candidates: list[CandidateRecord]
-    answers: list[AnswerRecord]
-    oracle: dict[int, dict[str, bool]]
-    """For each N: whether any of the first N candidates is right (exact / contains)."""
-    votes: dict[str, list[AnswerRecord]] = Field(default_factory=dict, exclude=True)
-    """A vote strategy's answer at every depth 1..max(N), for the budget rows (not written:
-    the chosen depth's answers are in ``answers``)."""
-
-
-class StrategyScore(BaseModel):
-    """One row of the result table: a strategy at one N."""
-
-    strategy: str
-    n: int
-    items: int
-    answered: int
-    with_reference: int
-    exact: float | None
-    contains: float | None
-    wins: int = 0
-    ties: int = 0
-    losses: int = 0
-    win_rate: float | None = None
-    judged: int = 0
-    """Comparisons that needed the judge (the rest were identical or missing answers)."""
-    invalid_verdicts: int = 0
-    """Judge verdicts that could not be parsed (they count towards ties)."""
-    fallbacks: int = 0
-    """Decisions made by the fallback selector after the judge/fusor failed."""
-    samples: float | None = None
-    """Mean candidates used per item."""
-    tokens: float | None = None
-    """Mean tokens per item: the candidates used and the decision calls."""
-    candidate_tokens: int = 0
-    decision_tokens: int = 0
-    winrate_tokens: int = 0
-    budget: float | None = None
-    """Budget rows: the mean tokens per item of the fusion row they are held to."""
-    capped: bool = False
-    """Budget rows: the depth was cut by the candidate pool (``max(N)``), not the budget."""
+__all__ = [
+    "CSV_FIELDS",
+    "TABLE_HEADER",
+    "AnswerRecord",
+    "BudgetMatch",
+    "CandidateRecord",
+    "CandidateScore",
+    "EvalReport",
+    "ItemResult",
+    "StrategyScore",
+    "aggregate",
+    "markdown_report",
+    "markdown_table",
+    "match_budget",
+    "plot_scores",
+    "summary_lines",
+    "table_rows",
+    "write_results",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +107,71 @@ class EvalReport:
     """Items that could not be evaluated at all: id, reason."""
     stats: JobStats = field(default_factory=JobStats)
     config: dict[str, Any] = field(default_factory=dict)
+    paired: list[PairedTest] = field(default_factory=list)
+    """Each fusion strategy against the best BoN at each N (:mod:`~fusion_graph.batch.paired`)."""
+    judges: list[JudgeQuality] = field(default_factory=list)
+    """How the judges did (:mod:`~fusion_graph.batch.judging`)."""
+
+
+def _accuracy(
+    values: Sequence[bool | None],
+) -> tuple[float | None, float | None, float | None, int]:
+    """Accuracy over the scored values, its interval, and how many were scored."""
+    scored = [float(v) for v in values if v is not None]
+    if not scored:
+        return None, None, None, 0
+    interval = bootstrap(scored)
+    return interval.mean, interval.low, interval.high, len(scored)
+
+
+_WIN_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def _score_row(
+    name: str, n: int, records: Sequence[AnswerRecord], oracle: Sequence[ItemResult] = ()
+) -> StrategyScore:
+    """A row's accuracies with their intervals (the oracle's from ``oracle`` items)."""
+    if oracle:
+        marks = [it.oracle[n] for it in oracle]
+        exact, contains, numeric = (
+            [m.get(key) for m in marks] for key in ("exact", "contains", "numeric")
+        )
+        referenced = len(oracle)
+    else:
+        scored = [a for a in records if a.exact is not None]
+        exact = [a.exact for a in scored]
+        contains = [a.contains for a in scored]
+        numeric = [a.numeric for a in scored]
+        referenced = len(scored)
+    e, e_low, e_high, _ = _accuracy(exact)
+    c, c_low, c_high, _ = _accuracy(contains)
+    m, m_low, m_high, with_numeric = _accuracy(numeric)
+    outcomes = [_WIN_VALUE[a.outcome] for a in records if a.outcome is not None]
+    rate = bootstrap(outcomes) if outcomes else None
+    wins, ties, losses = (sum(a.outcome == k for a in records) for k in ("win", "tie", "loss"))
+    return StrategyScore(
+        strategy=name,
+        n=n,
+        items=len(oracle) if oracle else len(records),
+        answered=len(oracle) if oracle else sum(a.text is not None for a in records),
+        with_reference=referenced,
+        exact=e,
+        exact_low=e_low,
+        exact_high=e_high,
+        contains=c,
+        contains_low=c_low,
+        contains_high=c_high,
+        numeric=m,
+        numeric_low=m_low,
+        numeric_high=m_high,
+        with_numeric_reference=with_numeric,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        win_rate=win_rate(wins, ties, losses),
+        win_rate_low=rate.low if rate else None,
+        win_rate_high=rate.high if rate else None,
+    )
 
 
 def aggregate(
@@ -181,74 +181,43 @@ def aggregate(
     *,
     budgets: Mapping[tuple[str, int], BudgetMatch] | None = None,
 ) -> list[StrategyScore]:
-    """The result table: one row per (strategy, N), then the oracle rows. ``budgets``: the
-    budget rows' matches, by (strategy, N)."""
+    """The result table: one row per (strategy, N), then the oracle rows, each accuracy and
+    win-rate with its bootstrap interval over items. ``budgets``: the budget rows'
+    matches, by (strategy, N)."""
     scores: list[StrategyScore] = []
     for name, n in points:
         records = [a for it in items for a in it.answers if a.strategy == name and a.n == n]
-        referenced = [a for a in records if a.exact is not None]
-        wins = sum(a.outcome == "win" for a in records)
-        ties = sum(a.outcome == "tie" for a in records)
-        losses = sum(a.outcome == "loss" for a in records)
-        scores.append(
-            StrategyScore(
-                strategy=name,
-                n=n,
-                items=len(records),
-                answered=sum(a.text is not None for a in records),
-                with_reference=len(referenced),
-                exact=(
-                    sum(bool(a.exact) for a in referenced) / len(referenced) if referenced else None
-                ),
-                contains=(
-                    sum(bool(a.contains) for a in referenced) / len(referenced)
-                    if referenced
-                    else None
-                ),
-                wins=wins,
-                ties=ties,
-                losses=losses,
-                win_rate=win_rate(wins, ties, losses),
-                judged=sum(a.judged for a in records),
-                invalid_verdicts=sum(
-                    sum(v is None for v in a.verdicts) for a in records if a.judged
-                ),
-                fallbacks=sum(a.fallback for a in records),
-                samples=_mean([a.samples for a in records]),
-                tokens=_mean([a.tokens for a in records]),
-                candidate_tokens=sum(a.candidate_tokens for a in records),
-                decision_tokens=sum(a.decision_tokens for a in records),
-                winrate_tokens=sum(a.winrate_tokens for a in records),
-            )
-        )
+        row = _score_row(name, n, records)
+        row.judged = sum(a.judged for a in records)
+        row.invalid_verdicts = sum(sum(v is None for v in a.verdicts) for a in records if a.judged)
+        row.fallbacks = sum(a.fallback for a in records)
+        row.samples = _mean([a.samples for a in records])
+        row.tokens = _mean([a.tokens for a in records])
+        row.candidate_tokens = sum(a.candidate_tokens for a in records)
+        row.decision_tokens = sum(a.decision_tokens for a in records)
+        row.winrate_tokens = sum(a.winrate_tokens for a in records)
         match = (budgets or {}).get((name, n))
         if match is not None:
-            scores[-1].budget, scores[-1].capped = match.budget, match.capped
+            row.budget, row.capped = match.budget, match.capped
+        scores.append(row)
     referenced_items = [it for it in items if it.references]
     if referenced_items:
         for n in sorted(set(ns)):
-            total = len(referenced_items)
-            scores.append(
-                StrategyScore(
-                    strategy="oracle",
-                    n=n,
-                    items=total,
-                    answered=total,
-                    with_reference=total,
-                    exact=sum(it.oracle[n]["exact"] for it in referenced_items) / total,
-                    contains=sum(it.oracle[n]["contains"] for it in referenced_items) / total,
-                )
-            )
+            scores.append(_score_row("oracle", n, [], referenced_items))
     return scores
 
 
-# --- files ------------------------------------------------------------------------------------
+# --- text ---------------------------------------------------------------------------------------
 
 CSV_FIELDS = list(StrategyScore.model_fields)
 
 
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
+def _pct(value: float | None, low: float | None = None, high: float | None = None) -> str:
+    if value is None:
+        return ""
+    if low is None or high is None:
+        return f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _samples(s: StrategyScore) -> str:
@@ -267,9 +236,10 @@ def table_rows(scores: Sequence[StrategyScore]) -> list[list[str]]:
             [
                 s.strategy,
                 str(s.n),
-                _pct(s.exact),
-                _pct(s.contains),
-                _pct(s.win_rate),
+                _pct(s.exact, s.exact_low, s.exact_high),
+                _pct(s.contains, s.contains_low, s.contains_high),
+                _pct(s.numeric, s.numeric_low, s.numeric_high),
+                _pct(s.win_rate, s.win_rate_low, s.win_rate_high),
                 wtl,
                 f"{2 * s.judged - s.invalid_verdicts}/{2 * s.judged}"
                 if s.win_rate is not None
@@ -287,6 +257,7 @@ TABLE_HEADER = [
     "N",
     "exact",
     "contains",
+    "numeric",
     "win-rate",
     "W/T/L",
     "verdicts",
@@ -294,11 +265,13 @@ TABLE_HEADER = [
     "samples",
     "tokens/item",
 ]
-"""Columns of the result table: exact-match and contains-answer accuracy, win-rate against
-the baseline with wins/ties/losses, judge verdicts parsed / asked (two per judged
-comparison; identical answers are not judged), decisions taken by the fallback selector,
-mean candidates used per item (``(capped)``: a budget row cut by the pool's depth) and
-mean tokens per item (candidates used and decision calls; win-rate judging excluded)."""
+"""Columns of the result table: exact-match, contains-answer and numeric accuracy (numeric
+over the items with a numeric reference; empty without any) and the win-rate against the
+baseline, each with its bootstrap 95 % interval in brackets, in percent; wins/ties/losses,
+win-rate judge verdicts parsed / asked (two per judged comparison; identical answers are
+not judged), decisions taken by the fallback selector, mean candidates used per item
+(``(capped)``: a budget row cut by the pool's depth) and mean tokens per item (candidates
+used and decision calls; win-rate judging excluded)."""
 
 
 def markdown_table(scores: Sequence[StrategyScore]) -> str:
@@ -311,9 +284,42 @@ def markdown_table(scores: Sequence[StrategyScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_lines(report: EvalReport) -> list[str]:
+    """What follows the table: FusioN against the best BoN at each N, then the judges."""
+    lines: list[str] = []
+    if report.paired:
+        first = report.paired[0]
+        lines.append(
+            f"FusioN vs the best BoN at each N ({first.metric} accuracy, paired over "
+            f"{first.items} items, {100 * first.level:.0f}% bootstrap interval, exact McNemar):"
+        )
+        lines += [f"  {test.line()}" for test in report.paired]
+    if report.judges:
+        lines.append("Judges (verdicts read / asked; pointwise: right vs wrong candidates):")
+        lines += [f"  {line}" for judge in report.judges for line in judge.lines()]
+    return lines
+
+
+def markdown_report(report: EvalReport) -> str:
+    """``eval.md``: the table, then :func:`summary_lines` as a list."""
+    text = markdown_table(report.scores)
+    extra = summary_lines(report)
+    if extra:
+        items = []
+        for line in extra:
+            depth = (len(line) - len(line.lstrip(" "))) // 2
+            items.append(f"{'  ' * depth}- {line.strip()}")
+        text += "\n" + "\n".join(items) + "\n"
+    return text
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
 def write_results(report: EvalReport, out: Path) -> dict[str, Path]:
-    """``eval.json`` (config, table, counters), ``eval.csv`` and ``eval.md`` (the table)
-    and ``answers.jsonl`` (every item's candidates and answers) in ``out``."""
+    """``eval.json`` (config, table, paired tests, judge quality, counters), ``eval.csv``
+    (the table), ``eval.md`` (the table and the summary lines) and ``answers.jsonl``
+    (every item's candidates and answers) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out / "eval.json",
@@ -321,10 +327,15 @@ def write_results(report: EvalReport, out: Path) -> dict[str, Path]:
         "markdown": out / "eval.md",
         "answers": out / "answers.jsonl",
     }
-    paths["markdown"].write_text(markdown_table(report.scores))
+    paths["markdown"].write_text(markdown_report(report))
     payload = {
         "config": report.config,
         "scores": [s.model_dump(mode="json") for s in report.scores],
+        "paired_tests": {
+            "metric": PAIRED_METRIC,
+            "tests": [asdict(test) for test in report.paired],
+        },
+        "judge_quality": {judge.strategy: judge.as_dict() for judge in report.judges},
         "failed_items": [{"id": i, "reason": r} for i, r in report.failed],
         "stats": report.stats.as_dict(),
     }
@@ -338,68 +349,3 @@ def write_results(report: EvalReport, out: Path) -> dict[str, Path]:
         for item in report.items:
             handle.write(item.model_dump_json() + "\n")
     return paths
-
-
-_STYLE = {
-    "single": ("#555555", "--", "o"),
-    "bon-judge": ("#1f77b4", "-", "s"),
-    "bon-pairwise": ("#2ca02c", "-", "^"),
-    "majority-vote": ("#9467bd", "-", "D"),
-    "majority-vote-early": ("#8c564b", "--", "d"),
-    "majority-vote@fusion-budget": ("#e377c2", ":", "v"),
-    "fusion": ("#d62728", "-", "o"),
-    "oracle": ("#999999", ":", "x"),
-}
-
-
-def plot_scores(
-    scores: Sequence[StrategyScore], path: Path, *, baseline: str, title: str | None = None
-) -> Path:
-    """A PNG of quality against N per strategy: contains-answer accuracy (when there are
-    references) and win-rate against the baseline (when judged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ns = sorted({s.n for s in scores})
-    panels: list[tuple[str, str]] = []
-    if any(s.contains is not None for s in scores):
-        panels.append(("contains", "accuracy (contains answer)"))
-    if any(s.win_rate is not None for s in scores):
-        panels.append(("win_rate", f"win-rate vs {baseline}"))
-    if not panels:
-        panels.append(("contains", "accuracy (contains answer)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
-    for ax, (metric, label) in zip(axes[0], panels, strict=True):
-        names = list(dict.fromkeys(s.strategy for s in scores))
-        for name in names:
-            rows = sorted((s for s in scores if s.strategy == name), key=lambda s: s.n)
-            points = [(s.n, getattr(s, metric)) for s in rows if getattr(s, metric) is not None]
-            if not points:
-                continue
-            color, line, marker = _STYLE.get(name, (None, "-", "o"))
-            if name == "single":
-                value = points[0][1]
-                ax.axhline(value, color=color, linestyle="--", linewidth=1.2, label=f"{name}")
-                continue
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, color=color, linestyle=line, marker=marker, label=name)
-        if metric == "win_rate":
-            ax.axhline(0.5, color="#bbbbbb", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ns)
-        ax.set_xticklabels([str(n) for n in ns])
-        ax.set_xlabel("N (candidates)")
-        ax.set_ylabel(label)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langchain_core.messages import BaseMessage
@@ -84,6 +85,37 @@ def parse_judge_output(text: str) -> tuple[float | None, str | None]:
     return None, None
 
 
+Scoring = Literal["expected", "sampled"]
+"""How a pointwise verdict becomes a score:
+
+* ``"expected"``: the probability-weighted score from the reply's logprobs (G-Eval),
+  where they came back; else the sampled one.
+* ``"sampled"``: the digit the judge wrote.
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PointwiseVerdict:
+    """What the judge said about one candidate, read both ways from the same reply."""
+
+    index: int
+    """The candidate's index."""
+    sampled: float | None
+    """The score it wrote (:func:`parse_judge_output`, or the structured output's);
+    ``None``: no valid verdict (then :attr:`expected` is ``None`` too)."""
+    expected: float | None = None
+    """The score's expectation under its logprobs
+    (:func:`~fusion_graph.nodes.verdicts.expected_score`); ``None`` without them."""
+    rationale: str | None = None
+    usage: TokenUsage | None = None
+
+    def score(self, scoring: Scoring) -> float | None:
+        """The score under ``scoring`` (``"expected"`` falls back to the sampled one)."""
+        if scoring == "expected" and self.sampled is not None and self.expected is not None:
+            return self.expected
+        return self.sampled
+
+
 class LLMJudge(Selector):
     """Best-of-N by an LLM judge that scores each candidate alone (1-10, with a rationale),
     all candidates in parallel. The highest score wins; ties go to the lowest index.
@@ -116,7 +148,7 @@ class LLMJudge(Selector):
         prompt: PromptTemplate = JUDGE_PROMPT,
         structured: bool = False,
         constrained: bool | None = None,
-        scoring: Literal["expected", "sampled"] | None = None,
+        scoring: Scoring | None = None,
     ) -> None:
         if not isinstance(model, Runnable):
             msg = f"LLMJudge needs a chat model or Runnable, got {type(model).__name__}"
@@ -144,46 +176,62 @@ class LLMJudge(Selector):
         else:
             self._runnable = model.bind(**options) if options else model
 
-    async def _judge(
-        self, context: SelectionContext, candidate: Candidate
-    ) -> tuple[float | None, str | None, Any]:
+    async def _judge(self, context: SelectionContext, candidate: Candidate) -> PointwiseVerdict:
         messages = build_review_messages(self.prompt, context.conversation, candidate)
         try:
             reply = await context.ask(
                 self._runnable, messages, run_name=f"judge[{candidate.index}]"
             )
         except Exception:  # a failed judge call leaves this candidate unscored
-            return None, None, None
+            return PointwiseVerdict(index=candidate.index, sampled=None)
         if self.structured and isinstance(reply, dict):
             parsed, raw = reply.get("parsed"), reply.get("raw")
             if isinstance(parsed, JudgeVerdict):
-                return _valid_score(parsed.score), parsed.rationale, raw
+                return PointwiseVerdict(
+                    index=candidate.index,
+                    sampled=_valid_score(parsed.score),
+                    rationale=parsed.rationale,
+                    usage=TokenUsage.of(raw),
+                )
             reply = raw
         text = message_text(reply) if isinstance(reply, BaseMessage) else str(reply)
         score, rationale = parse_judge_output(text)
-        if score is not None and self.scoring == "expected":
-            score = expected_score(reply) or score
-        return score, rationale, reply
+        return PointwiseVerdict(
+            index=candidate.index,
+            sampled=score,
+            expected=expected_score(reply) if score is not None else None,
+            rationale=rationale,
+            usage=TokenUsage.of(reply),
+        )
 
-    async def select(self, context: SelectionContext) -> Selection:
-        verdicts = await asyncio.gather(*(self._judge(context, c) for c in context.candidates))
-        scores = {
-            c.index: score
-            for c, (score, _, _) in zip(context.candidates, verdicts, strict=True)
-            if score is not None
-        }
-        usage = TokenUsage.sum(TokenUsage.of(raw) for _, _, raw in verdicts)
+    async def verdicts(self, context: SelectionContext) -> list[PointwiseVerdict]:
+        """The judge's verdict on every candidate (in parallel, index order), both the
+        sampled and the expected score of each; never raises (an unanswered or unreadable
+        verdict has no score)."""
+        return list(await asyncio.gather(*(self._judge(context, c) for c in context.candidates)))
+
+    def selection(self, verdicts: list[PointwiseVerdict]) -> Selection:
+        """The highest score under :attr:`scoring` wins (ties to the lowest index).
+
+        Raises:
+            SelectorOutputError: no verdict has a score.
+        """
+        scores = {v.index: score for v in verdicts if (score := v.score(self.scoring)) is not None}
+        usage = TokenUsage.sum(v.usage for v in verdicts)
         if not scores:
             msg = (
                 f"the judge {model_name(self.model)} gave no valid 1-10 score for any of "
-                f"{len(context.candidates)} candidates"
+                f"{len(verdicts)} candidates"
             )
             raise SelectorOutputError(msg)
         best = best_index(scores)
-        rationale = verdicts[[c.index for c in context.candidates].index(best)][1]
+        rationale = next(v.rationale for v in verdicts if v.index == best)
         return Selection(
             index=best, score=scores[best], scores=scores, rationale=rationale, usage=usage
         )
+
+    async def select(self, context: SelectionContext) -> Selection:
+        return self.selection(await self.verdicts(context))
 
 
 # --- pairwise knockout -------------------------------------------------------------------
@@ -225,6 +273,19 @@ def combine_verdicts(forward: str | None, backward: str | None) -> PairOutcome:
     if mine < theirs:
         return "loss"
     return "tie"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tournament:
+    """A knockout tournament as it was played (:meth:`PairwiseJudge.tournament`)."""
+
+    winner: int
+    """The index of the last candidate standing."""
+    wins: dict[int, float]
+    """Matches won, by candidate index."""
+    verdicts: list[str | None] = field(default_factory=list)
+    """Every verdict asked for, in order (``None``: unanswered or unreadable)."""
+    usage: TokenUsage | None = None
 
 
 class PairwiseJudge(Selector):
@@ -280,7 +341,8 @@ class PairwiseJudge(Selector):
         outcome = combine_verdicts(forward[0], backward[0])
         return (b if outcome == "loss" else a), [forward, backward]
 
-    async def select(self, context: SelectionContext) -> Selection:
+    async def tournament(self, context: SelectionContext) -> Tournament:
+        """Play the knockout on ``context.candidates``; never raises (see :meth:`selection`)."""
         alive = sorted(context.candidates, key=lambda c: c.index)
         wins = {c.index: 0.0 for c in alive}
         verdicts: list[tuple[str | None, Any]] = []
@@ -295,12 +357,31 @@ class PairwiseJudge(Selector):
             if len(alive) % 2:
                 survivors.append(alive[-1])
             alive = sorted(survivors, key=lambda c: c.index)
-        if verdicts and all(v is None for v, _ in verdicts):
+        return Tournament(
+            winner=alive[0].index,
+            wins=wins,
+            verdicts=[v for v, _ in verdicts],
+            usage=TokenUsage.sum(TokenUsage.of(raw) for _, raw in verdicts),
+        )
+
+    def selection(self, tournament: Tournament) -> Selection:
+        """The tournament's winner, scored by its matches won.
+
+        Raises:
+            SelectorOutputError: matches were judged and not one verdict was readable.
+        """
+        if tournament.verdicts and all(v is None for v in tournament.verdicts):
             msg = f"the pairwise judge {model_name(self.model)} gave no valid verdict in any match"
             raise SelectorOutputError(msg)
-        winner = alive[0]
-        usage = TokenUsage.sum(TokenUsage.of(raw) for _, raw in verdicts)
-        return Selection(index=winner.index, score=wins[winner.index], scores=wins, usage=usage)
+        return Selection(
+            index=tournament.winner,
+            score=tournament.wins[tournament.winner],
+            scores=tournament.wins,
+            usage=tournament.usage,
+        )
+
+    async def select(self, context: SelectionContext) -> Selection:
+        return self.selection(await self.tournament(context))
 
 
 SELECTOR_NAMES = ("judge", "pairwise", "vote")

@@ -63,7 +63,11 @@ def test_expected_score_splits_one_between_1_and_10() -> None:
     content = [
         {"token": '{"score":', "logprob": 0.0, "top_logprobs": []},
         {"token": "1", "logprob": _lp(1.0), "top_logprobs": [{"token": "1", "logprob": 0.0}]},
-        {"token": "0", "logprob": _lp(0.75), "top_logprobs": [{"token": "0", "logprob": _lp(0.75)}]},
+        {
+            "token": "0",
+            "logprob": _lp(0.75),
+            "top_logprobs": [{"token": "0", "logprob": _lp(0.75)}],
+        },
     ]
     reply = AIMessage(content='{"score":10}', response_metadata={"logprobs": {"content": content}})
     assert expected_score(reply) == 0.25 * 1 + 0.75 * 10
