@@ -8,7 +8,8 @@ and the examples::
 ``URL`` may list replicas of one model joined by ``+`` (``http://a:8000/v1+http://b:8000/v1``).
 ``OPTS`` is ``key=value,key=value`` with ``temperature``, ``top_p``, ``max_tokens``, ``seed``,
 ``name`` (a display or column name), ``concurrency`` (calls in flight per endpoint),
-``timeout`` (seconds per call), ``api_key_env`` and, for ``local``, ``model`` (a packaged
+``timeout`` (seconds per call), ``api_key_env``, the penalties against repetition
+(:data:`PENALTIES`) and, for ``local``, ``model`` (a packaged
 model: ``qwen2.5-coder-0.5b``, ``smollm2-135m``, ``qwen2.5-coder-1.5b``; or a chat GGUF
 file's path; ``path`` is the same for a file). :func:`build_model` turns a spec (and one of
 its URLs) into a LangChain chat model.
@@ -38,7 +39,8 @@ SPEC_HELP = (
     "OpenAI-compatible server) or 'vllm:URL:MODEL[:OPTS]' (a vLLM server; a prompt's samples "
     "in one request). URL may join replicas of one model with '+'. OPTS is key=value,... "
     "with temperature, top_p, max_tokens, seed, name, concurrency (calls in flight per "
-    "endpoint), timeout, api_key_env, model (local: a packaged model or a GGUF path). "
+    "endpoint), timeout, api_key_env, repeat_penalty (local, vllm), presence_penalty and "
+    "frequency_penalty (openai, vllm), model (local: a packaged model or a GGUF path). "
     "E.g. local:model=smollm2-135m,temperature=0.3,name=a"
 )
 
@@ -53,6 +55,18 @@ _OPTIONS: dict[str, type] = {
     "api_key_env": str,
     "path": str,
     "model": str,
+    "repeat_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+}
+PENALTIES = ("repeat_penalty", "presence_penalty", "frequency_penalty")
+"""Options against repetition: ``repeat_penalty`` (>= 1; local: llama.cpp's, vllm: vLLM's
+``repetition_penalty``), ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, -2 to 2;
+openai and vllm)."""
+_PENALTY_KINDS: dict[str, tuple[str, ...]] = {
+    "repeat_penalty": ("local", "vllm"),
+    "presence_penalty": ("openai", "vllm"),
+    "frequency_penalty": ("openai", "vllm"),
 }
 _URLS = re.compile(
     r"^(?P<urls>https?://[^/\s:+]+(?::\d+)?[^\s:+]*(?:\+https?://[^/\s:+]+(?::\d+)?[^\s:+]*)*)"
@@ -86,6 +100,26 @@ def _parse_options(text: str, spec: str) -> dict[str, Any]:
     return options
 
 
+def _check_penalties(kind: str, options: Mapping[str, Any], text: str) -> None:
+    for name in PENALTIES:
+        if name not in options:
+            continue
+        if kind not in _PENALTY_KINDS[name]:
+            msg = (
+                f"model spec {text!r}: {name}= is for {' and '.join(_PENALTY_KINDS[name])} "
+                f"models; {kind} models take "
+                f"{', '.join(p for p in PENALTIES if kind in _PENALTY_KINDS[p])}"
+            )
+            raise ValueError(msg)
+        value = options[name]
+        if (name == "repeat_penalty" and value < 1) or (
+            name != "repeat_penalty" and abs(value) > 2
+        ):
+            allowed = ">= 1 (1 is off)" if name == "repeat_penalty" else "between -2 and 2"
+            msg = f"model spec {text!r}: {name} must be {allowed}, not {value}"
+            raise ValueError(msg)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """A parsed model spec (see the module docs)."""
@@ -117,6 +151,7 @@ class ModelSpec:
                     f"({', '.join(PACKAGED_MODELS)}) nor a GGUF file"
                 )
                 raise ValueError(msg)
+            _check_penalties("local", options, text)
             return cls(kind="local", options=options, text=spec)
         found = _URLS.match(rest)
         if found is None:
@@ -143,11 +178,13 @@ class ModelSpec:
                 f"(the server's model name goes in {kind}:URL:MODEL)"
             )
             raise ValueError(msg)
+        options = _parse_options(options_text, text)
+        _check_penalties(kind, options, text)
         return cls(
             kind=cast("Kind", kind),
             urls=tuple(found["urls"].split("+")),
             model=model.strip(),
-            options=_parse_options(options_text, text),
+            options=options,
             text=spec,
         )
 
@@ -213,6 +250,8 @@ def build_model(
             local["top_p"] = top_p
         if seed is not None:
             local["seed"] = seed
+        if "repeat_penalty" in options:
+            local["repeat_penalty"] = options["repeat_penalty"]
         return ChatLocalModel(n_ctx=8192, **local)
     try:
         from fusion_graph.integrations.openai_compat import openai_compatible
@@ -226,6 +265,11 @@ def build_model(
         remote["top_p"] = top_p
     if seed is not None:
         remote["seed"] = seed
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in options:
+            remote[name] = options[name]
+    if "repeat_penalty" in options:  # vLLM's sampling parameter, outside OpenAI's API
+        remote["extra_body"] = {"repetition_penalty": options["repeat_penalty"]}
     concurrency = options.get("concurrency", max_concurrency)
     if concurrency is not None:
         remote["max_concurrency"] = int(concurrency)

@@ -24,7 +24,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import RetryPolicy
 
 from fusion_graph.batch.store import settings_hash
-from fusion_graph.models import ModelSpec, build_model
+from fusion_graph.models import PENALTIES, ModelSpec, build_model
 from fusion_graph.runtime import Caller, CallResult
 from fusion_graph.types import TokenUsage
 
@@ -258,6 +258,8 @@ def _settings(spec: ModelSpec, defaults: Defaults) -> dict[str, Any]:
         "top_p": spec.options.get("top_p", defaults.top_p),
         "max_tokens": int(spec.options.get("max_tokens", defaults.max_tokens)),
         "seed": int(spec.options.get("seed", defaults.seed)),
+        # only when set, so the keys of stores made before these options stay the same
+        **{name: float(spec.options[name]) for name in PENALTIES if name in spec.options},
     }
 
 

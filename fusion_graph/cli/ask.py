@@ -25,6 +25,7 @@ from rich.panel import Panel
 from fusion_graph.cli.errors import CliError, err, explain
 from fusion_graph.cli.progress import RunDisplay
 from fusion_graph.cli.tracing import finish_tracing, start_tracing
+from fusion_graph.integrations.llama_cpp_models import DEFAULT_MODEL, PACKAGED_MODELS
 from fusion_graph.models import ModelSpec, build_model
 from fusion_graph.nodes.judges import make_selector
 from fusion_graph.types import Candidate, FusionResult, TokenUsage
@@ -61,11 +62,7 @@ class ModelChoice:
         if self.base_url is None and self.model is None:
             return ModelSpec(kind="local", text="local")
         if self.base_url is None:
-            msg = (
-                f"--model {self.model} needs --base-url: the URL of an OpenAI-compatible "
-                "server (e.g. http://127.0.0.1:8000/v1). Leave both out for the embedded model."
-            )
-            raise CliError(msg, code=2)
+            return self._local_spec(self.model or "")
         model = self.model or "default"
         return ModelSpec(
             kind="openai",
@@ -73,6 +70,23 @@ class ModelChoice:
             model=model,
             text=f"openai:{self.base_url}:{model}",
         )
+
+    @staticmethod
+    def _local_spec(model: str) -> ModelSpec:
+        """``--model`` without ``--base-url``: a packaged local model, a GGUF file or a
+        ``local:...`` spec."""
+        text = model if model.startswith("local") else f"local:model={model}"
+        if model.startswith("local") or model in PACKAGED_MODELS or model.endswith(".gguf"):
+            try:
+                return ModelSpec.parse(text)
+            except ValueError as exc:
+                raise CliError(str(exc), code=2) from exc
+        msg = (
+            f"--model {model} is not a local model ({', '.join(PACKAGED_MODELS)}, a .gguf "
+            "file or local:OPTS); for a server's model add --base-url, the URL of an "
+            "OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1)."
+        )
+        raise CliError(msg, code=2)
 
     def build(self) -> BaseChatModel:
         spec = self.spec()
@@ -151,7 +165,12 @@ def ask(
     ] = SelectorName.judge,
     critic: Annotated[bool, typer.Option(help="Critique each candidate before deciding.")] = False,
     model: Annotated[
-        str | None, typer.Option(help="Model name on the OpenAI-compatible server.")
+        str | None,
+        typer.Option(
+            help="With --base-url: the model's name on the server. Without: an embedded "
+            f"model ({', '.join(PACKAGED_MODELS)}; default {DEFAULT_MODEL}), a chat GGUF "
+            "file's path or a local:OPTS spec (e.g. local:model=smollm2-135m,repeat_penalty=1.2)."
+        ),
     ] = None,
     base_url: Annotated[
         str | None, typer.Option(help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")

@@ -114,6 +114,9 @@ class ChatLocalModel(BlockingChatModel):
     """llama.cpp's repetition penalty on the tokens generated so far (1 turns it off). With it,
     and the guard that ends a reply once a sentence comes round again, small models stop
     looping."""
+    stop_repeats: bool = True
+    """End a reply before a sentence of 3+ words comes round again (small models loop until
+    ``max_tokens``); turn it off for text that repeats on purpose (refrains, templates)."""
     model_name: str = ""
     """Name reported in response metadata and traces; empty: the model's own name."""
 
@@ -139,6 +142,7 @@ class ChatLocalModel(BlockingChatModel):
             "model": self.model,
             "model_path": self.model_path,
             "repeat_penalty": self.repeat_penalty,
+            "stop_repeats": self.stop_repeats,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -197,7 +201,9 @@ class ChatLocalModel(BlockingChatModel):
         seed = kwargs.get("seed", self.seed)
         if seed is not None:
             seed = check_seed(seed)
-        return SamplingOptions(temperature, top_p, max_tokens, seed, stops, repeat_penalty)
+        return SamplingOptions(
+            temperature, top_p, max_tokens, seed, stops, repeat_penalty, self.stop_repeats
+        )
 
     # -- tools --------------------------------------------------------------------------------
 
@@ -305,7 +311,7 @@ class ChatLocalModel(BlockingChatModel):
         seed = opts.seed if opts.seed is not None else fresh_seed()
         with entry.lock:
             n_prompt, parts = chat_completion(entry, chat, opts, seed, stream=True, stop=opts.stop)
-            guard = RepeatGuard()
+            guard = RepeatGuard(active=opts.stop_repeats)
             finish_reason: str | None = None
             with contextlib.closing(parts):
                 for part in parts:

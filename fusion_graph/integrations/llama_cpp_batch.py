@@ -111,7 +111,8 @@ def sample_batch(
             # 3. One sampler chain per sequence, seeded with its candidate's seed.
             for seed in seeds:
                 samplers.append(_sampler_chain(ll, opts, seed, grammar=grammar, vocab=vocab))
-            guards = [RepeatGuard() if grammar is None else None for _ in range(n)]
+            guarded = grammar is None and opts.stop_repeats
+            guards = [RepeatGuard() if guarded else None for _ in range(n)]
             decoders = [codecs.getincrementaldecoder("utf-8")("ignore") for _ in range(n)]
             logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
             n_vocab = int(ll.llama_vocab_n_tokens(vocab))

@@ -45,6 +45,8 @@ class SamplingOptions:
     seed: int | None
     stop: list[str]
     repeat_penalty: float = 1.0
+    stop_repeats: bool = True
+    """End a reply before a sentence comes round again (:class:`RepeatGuard`)."""
 
 
 def fresh_seed() -> int:

@@ -30,9 +30,11 @@ def _normal(sentence: str) -> str:
 class RepeatGuard:
     """Feed a reply's pieces in order; :meth:`feed` returns the text that may be shown now and
     :attr:`stopped` turns True once the reply should end. :meth:`finish` returns the text
-    still held back when the reply ends for another reason."""
+    still held back when the reply ends for another reason. An inactive guard passes every
+    piece through and never stops (for text that repeats on purpose)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, active: bool = True) -> None:
+        self.active = active
         self.text = ""
         self.stopped = False
         self._released = 0
@@ -43,6 +45,8 @@ class RepeatGuard:
         if self.stopped:
             return ""
         self.text += piece
+        if not self.active:
+            return self._release(len(self.text))
         for end in _SENTENCE_END.finditer(self.text, self._sentence_start):
             stop = end.end()
             sentence = _normal(self.text[self._sentence_start : stop])
