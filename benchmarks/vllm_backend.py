@@ -232,7 +232,8 @@ def _model_dir(python: Path) -> Path:
         [
             sys.executable,
             "-c",
-            "from fusion_graph.integrations.llama_cpp import default_model_path as p; print(p())",
+            "from fusion_graph.integrations.llama_cpp_models import resolve_model_file as r; "
+            "print(r('smollm2-135m'))",
         ],
         capture_output=True,
         text=True,

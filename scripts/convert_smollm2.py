@@ -49,15 +49,15 @@ def is_converted(path: Path | None = None) -> bool:
 
 def _default_gguf() -> Path:
     sys.path.insert(0, str(ROOT))
-    from fusion_graph.integrations.llama_cpp import default_model_path
+    from fusion_graph.integrations.llama_cpp_models import resolve_model_file
 
     try:
-        return default_model_path()
+        return resolve_model_file("smollm2-135m")
     except ImportError as exc:
         msg = (
             f"{exc} Or pass --gguf with the model file (in the main virtualenv: "
-            "`.venv/bin/python -c 'from fusion_graph.integrations.llama_cpp import "
-            "default_model_path; print(default_model_path())'`)."
+            "`.venv/bin/python -c 'from fusion_graph.integrations.llama_cpp_models import "
+            "resolve_model_file; print(resolve_model_file(\"smollm2-135m\"))'`)."
         )
         raise SystemExit(msg) from exc
 

