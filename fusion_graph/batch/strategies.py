@@ -113,7 +113,10 @@ def default_strategies(
             if judge is None:
                 msg = f"{name} needs a judge model"
                 raise ValueError(msg)
-            selector: Selector = LLMJudge(judge) if name == "bon-judge" else PairwiseJudge(judge)
+            # logprobs: both scorings are measured on every verdict (batch.judging).
+            selector: Selector = (
+                LLMJudge(judge, logprobs=True) if name == "bon-judge" else PairwiseJudge(judge)
+            )
             out.append(EvalStrategy.best_of_n(name, selector, fallback=vote))
         elif name == "fusion":
             if fusor is None:

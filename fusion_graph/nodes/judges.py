@@ -135,6 +135,9 @@ class LLMJudge(Selector):
             one; False: never, e.g. for a server that rejects ``response_format``).
         scoring: ``"expected"`` (the probability-weighted score, where logprobs come back)
             or ``"sampled"`` (the digit the judge wrote). None: ``"expected"``.
+        logprobs: Ask for logprobs (where the backend reports them) whatever the
+            ``scoring``, so both scores are read from each reply (:meth:`verdicts`; the
+            eval measures both). None: only when scoring ``"expected"``.
 
     Example:
         >>> from fusion_graph import LLMJudge, best_of_n
@@ -149,6 +152,7 @@ class LLMJudge(Selector):
         structured: bool = False,
         constrained: bool | None = None,
         scoring: Scoring | None = None,
+        logprobs: bool | None = None,
     ) -> None:
         if not isinstance(model, Runnable):
             msg = f"LLMJudge needs a chat model or Runnable, got {type(model).__name__}"
@@ -164,7 +168,10 @@ class LLMJudge(Selector):
         self.name = f"llm_judge:{model_name(model)}"
         options = (
             constrained_options(
-                model, JUDGE_SCHEMA, name="verdict", logprobs=self.scoring == "expected"
+                model,
+                JUDGE_SCHEMA,
+                name="verdict",
+                logprobs=self.scoring == "expected" if logprobs is None else logprobs,
             )
             if constrained is not False and not structured
             else {}

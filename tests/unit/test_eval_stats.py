@@ -41,7 +41,7 @@ from fusion_graph.messages import message_text
 from fusion_graph.nodes.decide import SelectionContext
 from fusion_graph.nodes.judges import LLMJudge, PairwiseJudge
 from fusion_graph.nodes.select import MajorityVote
-from fusion_graph.testing import FakeCall, FakeChatModel
+from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel
 from fusion_graph.types import Candidate
 from tests.unit.test_batch import FakeOpenAI, handle, item, write_jsonl
 
@@ -477,3 +477,27 @@ def test_the_plot_draws_the_intervals(tmp_path: Path) -> None:
     without = plot_scores(scores, tmp_path / "plain.png", baseline="single")
     assert with_bars.read_bytes()[:4] == b"\x89PNG"
     assert with_bars.read_bytes() != without.read_bytes()
+
+
+class SchemaFake(FakeChatModel):
+    """A fake that says it takes a JSON schema (and so reports logprobs when asked)."""
+
+    takes_json_schema: bool = True
+
+
+@pytest.mark.parametrize(
+    ("scoring", "logprobs", "asked"),
+    [("expected", None, True), ("sampled", None, False), ("sampled", True, True)],
+)
+def test_llm_judge_asks_for_logprobs_for_either_scoring_when_told(
+    scoring: Any, logprobs: bool | None, asked: bool
+) -> None:
+    recorder = CallRecorder()
+    model = SchemaFake(replies=['{"score": 7, "rationale": "ok"}'], recorder=recorder)
+    judge = LLMJudge(model, scoring=scoring, logprobs=logprobs)
+    context = SelectionContext([HumanMessage("2+2?")], [Candidate.of("4", index=0)])
+    (verdict,) = asyncio.run(judge.verdicts(context))
+    assert verdict.sampled == 7.0
+    kwargs = recorder.calls[0].kwargs
+    assert "response_format" in kwargs
+    assert (kwargs.get("logprobs") is True) is asked
