@@ -53,19 +53,22 @@ def plot_scores(
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
     names = list(dict.fromkeys(s.strategy for s in scores))
     for ax, (metric, label) in zip(axes[0], panels, strict=True):
-        drawn = 0
+        series = {}
         for name in names:
             rows = sorted((s for s in scores if s.strategy == name), key=lambda s: s.n)
             points = [(s.n, b) for s in rows if (b := _bounds(s, metric)) is not None]
-            if not points:
-                continue
+            if points:
+                series[name] = points
+        spread = len([name for name in series if name != "single"])
+        drawn = 0
+        for name, points in series.items():
             color, line, marker = _STYLE.get(name, (None, "-", "o"))
             if name == "single":
                 value, low, high = points[0][1]
                 ax.axhline(value, color=color, linestyle="--", linewidth=1.2, label=name)
                 ax.axhspan(low, high, color=color, alpha=0.08, linewidth=0)
                 continue
-            shift = _NUDGE ** (drawn - (len(names) - 2) / 2)
+            shift = _NUDGE ** (drawn - (spread - 1) / 2)
             drawn += 1
             xs = [n * shift for n, _ in points]
             ys = [v for _, (v, _, _) in points]
