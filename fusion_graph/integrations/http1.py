@@ -331,7 +331,9 @@ class SyncOrigin:
             data = response.read()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
             connection.close()
-            raise ProtocolError(f"the server closed the connection ({exc})", answered=answered) from exc
+            raise ProtocolError(
+                f"the server closed the connection ({exc})", answered=answered
+            ) from exc
         except http.client.HTTPException as exc:
             connection.close()
             raise ProtocolError(f"malformed answer: {exc!r}", answered=True) from exc

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import threading
 import time
@@ -65,9 +66,10 @@ from urllib.parse import urlsplit
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from pydantic import Field
+from langchain_core.runnables import RunnableConfig, ensure_config
+from pydantic import Field, SecretStr
 
 from fusion_graph.integrations.endpoint_limits import (
     DEFAULT_MAX_CONCURRENCY as DEFAULT_MAX_CONCURRENCY,  # re-exported: it used to live here
@@ -79,7 +81,10 @@ from fusion_graph.integrations.endpoint_limits import (
     forget_limiter,
     is_loopback,
 )
+from fusion_graph.integrations.http1 import AsyncOrigin, Origin, SyncOrigin
 from fusion_graph.integrations.openai_fanout import ChatOpenAIFanOut, forget_ignores_n
+from fusion_graph.integrations.openai_requests import ChatRequest, apost, build_request, post
+from fusion_graph.integrations.untraced import STRUCTURED_OUTPUT_KEYS, finish, unobserved
 
 __all__ = [
     "ChatOpenAICompatible",
@@ -91,6 +96,14 @@ __all__ = [
 
 _OPENAI_HOST = "api.openai.com"
 _is_loopback = is_loopback  # the name it had when it lived here
+_PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,18 +120,21 @@ class _LoopTwins:
         default_factory=dict
     )
     """``id(model)`` -> (the model, weakly; its copy)."""
+    origins: dict[Origin, AsyncOrigin] = field(default_factory=dict)
+    """The lean path's connections of this loop, per origin."""
     watcher: AsyncGenerator[None, None] | None = None
     dropped: bool = False
     """Set when the loop closed without shutting its async generators down."""
 
 
-# _REGISTRY_LOCK guards _LOOP_TWINS. An entry holds its loop alive (through its clients'
+# _REGISTRY_LOCK guards _LOOP_TWINS and _SYNC_ORIGINS. An entry holds its loop alive (through its clients'
 # connections and its watcher), so entries are removed explicitly: when the loop shuts down,
 # or, for a loop closed without that, at the next copy made on any loop.
 _REGISTRY_LOCK = threading.Lock()
 _LOOP_TWINS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTwins] = (
     weakref.WeakKeyDictionary()
 )
+_SYNC_ORIGINS: dict[Origin, SyncOrigin] = {}
 
 
 async def _watch(entry: _LoopTwins) -> AsyncGenerator[None, None]:
@@ -137,6 +153,9 @@ async def _close_loop_twins(loop: asyncio.AbstractEventLoop, entry: _LoopTwins) 
             del _LOOP_TWINS[loop]
         twins = [twin for _, twin in entry.twins.values()]
         entry.twins.clear()
+        origins, entry.origins = list(entry.origins.values()), {}
+    for origin in origins:
+        origin.close()
     for twin in twins:
         await _close_twin(twin)
 
@@ -152,6 +171,7 @@ def _drop(entry: _LoopTwins) -> None:
     are collected) and finish its watcher without running anything on the loop."""
     entry.dropped = True
     entry.twins.clear()
+    entry.origins = {}
     watcher, entry.watcher = entry.watcher, None
     if watcher is None:
         return
@@ -160,25 +180,67 @@ def _drop(entry: _LoopTwins) -> None:
         closing.send(None)
 
 
+def _loop_entry(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[_LoopTwins, AsyncGenerator[None, None] | None]:
+    """``loop``'s entry, and its watcher when it is new (to start). Must hold the lock; the
+    entries of closed loops are dropped by :func:`_register_twin` / :func:`_async_origin`."""
+    entry = _LOOP_TWINS.get(loop)
+    if entry is None:
+        entry = _LOOP_TWINS[loop] = _LoopTwins()
+    watcher = None
+    if entry.watcher is None:
+        watcher = entry.watcher = _watch(entry)
+    return entry, watcher
+
+
+def _closed_entries() -> list[_LoopTwins]:
+    """Take out the entries of loops closed without shutting down (must hold the lock)."""
+    return [_LOOP_TWINS.pop(other) for other in list(_LOOP_TWINS) if other.is_closed()]
+
+
 def _register_twin(
     loop: asyncio.AbstractEventLoop, model: ChatOpenAICompatible, twin: ChatOpenAICompatible
 ) -> tuple[list[ChatOpenAICompatible], AsyncGenerator[None, None] | None]:
     """Record ``twin`` as ``model``'s copy for ``loop``. Returns the copies of this loop whose
     models are gone (to close now) and the loop's watcher when it is new (to start)."""
     with _REGISTRY_LOCK:
-        closed = [_LOOP_TWINS.pop(other) for other in list(_LOOP_TWINS) if other.is_closed()]
-        entry = _LOOP_TWINS.get(loop)
-        if entry is None:
-            entry = _LOOP_TWINS[loop] = _LoopTwins()
+        closed = _closed_entries()
+        entry, watcher = _loop_entry(loop)
         gone = [key for key, (ref, _) in entry.twins.items() if ref() is None]
         stale = [entry.twins.pop(key)[1] for key in gone]
         entry.twins[id(model)] = (weakref.ref(model), twin)
-        watcher = None
-        if entry.watcher is None:
-            watcher = entry.watcher = _watch(entry)
     for old in closed:
         _drop(old)
     return stale, watcher
+
+
+async def _async_origin(origin: Origin) -> AsyncOrigin:
+    """The running loop's connections to ``origin`` (made on first use, closed when the loop
+    shuts down, like the loop's model copies)."""
+    loop = asyncio.get_running_loop()
+    with _REGISTRY_LOCK:
+        entry = _LOOP_TWINS.get(loop)
+        found = entry.origins.get(origin) if entry is not None else None
+        if found is not None:
+            return found
+        closed = _closed_entries()
+        entry, watcher = _loop_entry(loop)
+        found = entry.origins[origin] = AsyncOrigin(origin)
+    for old in closed:
+        _drop(old)
+    if watcher is not None:
+        await watcher.__anext__()  # see _for_this_loop
+    return found
+
+
+def _sync_origin(origin: Origin) -> SyncOrigin:
+    """The process's blocking connections to ``origin``, shared by every thread."""
+    with _REGISTRY_LOCK:
+        found = _SYNC_ORIGINS.get(origin)
+        if found is None:
+            found = _SYNC_ORIGINS[origin] = SyncOrigin(origin)
+        return found
 
 
 def forget_endpoint(base_url: str | None) -> None:
@@ -186,6 +248,11 @@ def forget_endpoint(base_url: str | None) -> None:
     ignores ``n``. Useful when a server is restarted with other settings, and in tests."""
     forget_limiter(base_url)
     forget_ignores_n(endpoint_key(base_url))
+    with contextlib.suppress(ValueError):
+        with _REGISTRY_LOCK:
+            origin = _SYNC_ORIGINS.pop(Origin.of(endpoint_key(base_url)), None)
+        if origin is not None:
+            origin.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +307,89 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
             payload.pop("seed", None)
         return payload
 
+    # -- the lean path: no SDK, no callback bookkeeping nobody listens to ----------------------
+
+    def _lean_request(self, payload: dict[str, Any]) -> ChatRequest | None:
+        """``payload`` as a request of the lean path, or None when the SDK must send it: a
+        stream, the Responses API, a ``response_format`` class (the SDK parses into it),
+        clients or a proxy of the user's, response headers asked for."""
+        if payload.get("stream") or "messages" not in payload:
+            return None
+        if not isinstance(payload.get("response_format", {}), dict):
+            return None
+        if self.http_client is not None or self.http_async_client is not None:
+            return None
+        if self.openai_proxy or self.include_response_headers:
+            return None
+        key = self.openai_api_key
+        if key is not None and not isinstance(key, SecretStr):
+            return None  # a callable key: the SDK knows when to call it
+        base_url = self.endpoint
+        if not _is_loopback(base_url) and any(os.environ.get(v) for v in _PROXY_VARIABLES):
+            return None
+        return build_request(
+            payload,
+            base_url=base_url,
+            api_key=key.get_secret_value() if key is not None else None,
+            organization=self.openai_organization,
+            default_headers=self.default_headers,
+            default_query=self.default_query,
+            timeout=self.request_timeout,
+            max_retries=self.max_retries,
+        )
+
+    def _lean_result(self, data: dict[str, Any], payload: dict[str, Any]) -> ChatResult:
+        """The answer of a lean request as langchain-openai makes it from the SDK's, with each
+        choice's own ``finish_reason`` and ``logprobs`` (langchain-openai gives every choice the
+        last one's) and, for a ``response_format`` request, ``parsed`` and ``refusal`` in
+        ``additional_kwargs`` as the SDK's ``parse`` gives them (``parsed``: the JSON object of
+        the content, or None)."""
+        result = self._create_chat_result(data, {})
+        structured = "response_format" in payload
+        choices = data.get("choices") or []
+        for generation, choice in zip(result.generations, choices, strict=False):
+            info: dict[str, Any] = {"finish_reason": choice.get("finish_reason")}
+            if "logprobs" in choice:
+                info["logprobs"] = choice["logprobs"]
+            generation.generation_info = info
+            if structured and isinstance(generation.message, AIMessage):
+                extra = generation.message.additional_kwargs
+                extra["parsed"] = _parsed(generation.message.content)
+                extra["refusal"] = (choice.get("message") or {}).get("refusal")
+        return result
+
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        config = ensure_config(config)
+        if not unobserved(self, config):
+            return super().invoke(input, config, stop=stop, **kwargs)
+        for key in STRUCTURED_OUTPUT_KEYS:
+            kwargs.pop(key, None)
+        messages = self._convert_input(input).to_messages()
+        return _reply(finish(self._generate(messages, stop=stop, **kwargs)))
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        config = ensure_config(config)
+        if not unobserved(self, config):
+            return await super().ainvoke(input, config, stop=stop, **kwargs)
+        for key in STRUCTURED_OUTPUT_KEYS:
+            kwargs.pop(key, None)
+        messages = self._convert_input(input).to_messages()
+        return _reply(finish(await self._agenerate(messages, stop=stop, **kwargs)))
+
     # -- every request holds a slot of the endpoint -------------------------------------------
 
     def _generate(
@@ -249,11 +399,20 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        payload = self._get_request_payload(messages, stop=stop, **kwargs)
+        request = self._lean_request(payload)
         queued = time.perf_counter()
+        if request is None:
+            with self.limiter.slot():
+                start = time.perf_counter()
+                result = super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+                return _timed(result, start - queued, time.perf_counter() - start)
+        origin = _sync_origin(request.origin)
         with self.limiter.slot():
             start = time.perf_counter()
-            result = super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
-            return _timed(result, start - queued, time.perf_counter() - start)
+            data = post(origin, request)
+            latency = time.perf_counter() - start
+        return _timed(self._lean_result(data, payload), start - queued, latency)
 
     async def _agenerate(
         self,
@@ -262,14 +421,24 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        twin = await self._for_this_loop()
+        payload = self._get_request_payload(messages, stop=stop, **kwargs)
+        request = self._lean_request(payload)
+        if request is None:
+            twin = await self._for_this_loop()
+            queued = time.perf_counter()
+            async with self.limiter.aslot():
+                start = time.perf_counter()
+                result = await super(ChatOpenAICompatible, twin)._agenerate(
+                    messages, stop=stop, run_manager=run_manager, **kwargs
+                )
+                return _timed(result, start - queued, time.perf_counter() - start)
+        origin = await _async_origin(request.origin)
         queued = time.perf_counter()
         async with self.limiter.aslot():
             start = time.perf_counter()
-            result = await super(ChatOpenAICompatible, twin)._agenerate(
-                messages, stop=stop, run_manager=run_manager, **kwargs
-            )
-            return _timed(result, start - queued, time.perf_counter() - start)
+            data = await apost(origin, request)
+            latency = time.perf_counter() - start
+        return _timed(self._lean_result(data, payload), start - queued, latency)
 
     def _stream(
         self,
@@ -327,6 +496,25 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         for old in stale:
             await _close_twin(old)
         return twin
+
+
+def _parsed(content: object) -> object:
+    """The JSON object a structured reply holds, or None."""
+    if not isinstance(content, str):
+        return None
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _reply(result: ChatResult) -> AIMessage:
+    message = result.generations[0].message
+    if not isinstance(message, AIMessage):
+        msg = "The server answered with a choice that is not a chat message."
+        raise TypeError(msg)
+    return message
 
 
 def _timed(result: ChatResult, queue_s: float, latency_s: float) -> ChatResult:

@@ -32,10 +32,11 @@ from typing import Any, TypeVar
 
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import LLMResult
-from langchain_core.runnables import ensure_config
+from langchain_core.outputs import ChatGeneration
+from langchain_core.runnables import RunnableConfig, ensure_config
 
 from fusion_graph.integrations.endpoint_limits import endpoint_key
+from fusion_graph.integrations.untraced import finish, unobserved
 from fusion_graph.integrations.usage import split_usage
 from fusion_graph.runtime import THREAD_POOL
 
@@ -173,30 +174,49 @@ class ChatOpenAIFanOut(ChatOpenAI):
         self, messages: list[BaseMessage], seeds: Sequence[int | None], kwargs: dict[str, Any]
     ) -> list[AIMessage | Exception]:
         call = self._call_kwargs(seeds[0], kwargs, len(seeds))
-        run = _run_options()
         start = time.perf_counter()
-        result = self.generate([messages], **run, **call)
-        return self._split(result, seeds, kwargs, time.perf_counter() - start)
+        generations = self._chat(messages, call)
+        return self._split(generations, seeds, kwargs, time.perf_counter() - start)
 
     async def _an_request(
         self, messages: list[BaseMessage], seeds: Sequence[int | None], kwargs: dict[str, Any]
     ) -> list[AIMessage | Exception]:
         call = self._call_kwargs(seeds[0], kwargs, len(seeds))
-        run = _run_options()
         start = time.perf_counter()
-        result = await self.agenerate([messages], **run, **call)
-        return self._split(result, seeds, kwargs, time.perf_counter() - start)
+        generations = await self._achat(messages, call)
+        return self._split(generations, seeds, kwargs, time.perf_counter() - start)
+
+    def _chat(self, messages: list[BaseMessage], call: dict[str, Any]) -> list[ChatGeneration]:
+        """One request's replies: ``_generate`` directly when nobody listens (see
+        :mod:`~fusion_graph.integrations.untraced`), else a run of ``generate`` under the
+        callbacks, tags and metadata of the run this call is part of."""
+        config = ensure_config()
+        if unobserved(self, config):
+            return _chat_generations(finish(self._generate(messages, **call)).generations)
+        result = self.generate([messages], **_run_options(config), **call)
+        return _chat_generations(result.generations[0])
+
+    async def _achat(
+        self, messages: list[BaseMessage], call: dict[str, Any]
+    ) -> list[ChatGeneration]:
+        """Async :meth:`_chat`."""
+        config = ensure_config()
+        if unobserved(self, config):
+            result = finish(await self._agenerate(messages, **call))
+            return _chat_generations(result.generations)
+        llm_result = await self.agenerate([messages], **_run_options(config), **call)
+        return _chat_generations(llm_result.generations[0])
 
     def _split(
         self,
-        result: LLMResult,
+        generations: list[ChatGeneration],
         seeds: Sequence[int | None],
         kwargs: dict[str, Any],
         latency_s: float,
     ) -> list[AIMessage | Exception]:
         """The choices of one ``n=k`` response as separate replies (at most k)."""
         k = len(seeds)
-        generations = result.generations[0][:k]
+        generations = generations[:k]
         if len(generations) < k and self.supports_n is None:
             self._remember_ignores_n()  # fewer choices than asked: the server ignores n
         messages: list[AIMessage] = []
@@ -247,11 +267,10 @@ class ChatOpenAIFanOut(ChatOpenAI):
         self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any]
     ) -> AIMessage | Exception:
         call = self._call_kwargs(seed, kwargs, 1)
-        run = _run_options()
         start = time.perf_counter()
         try:
-            result = self.generate([messages], **run, **call)
-            return self._one(result, seed, time.perf_counter() - start)
+            generations = self._chat(messages, call)
+            return self._one(generations, seed, time.perf_counter() - start)
         except Exception as exc:  # one candidate's failure is that candidate's
             return exc
 
@@ -259,16 +278,17 @@ class ChatOpenAIFanOut(ChatOpenAI):
         self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any]
     ) -> AIMessage | Exception:
         call = self._call_kwargs(seed, kwargs, 1)
-        run = _run_options()
         start = time.perf_counter()
         try:
-            result = await self.agenerate([messages], **run, **call)
-            return self._one(result, seed, time.perf_counter() - start)
+            generations = await self._achat(messages, call)
+            return self._one(generations, seed, time.perf_counter() - start)
         except Exception as exc:
             return exc
 
-    def _one(self, result: LLMResult, seed: int | None, latency_s: float) -> AIMessage:
-        generation = result.generations[0][0]
+    def _one(
+        self, generations: list[ChatGeneration], seed: int | None, latency_s: float
+    ) -> AIMessage:
+        generation = generations[0]
         message = getattr(generation, "message", None)
         if not isinstance(message, AIMessage):
             msg = "The server answered with a choice that is not a chat message."
@@ -296,9 +316,15 @@ def _timing(message: AIMessage | None, measured_s: float) -> dict[str, float]:
     }
 
 
-def _run_options() -> dict[str, Any]:
+def _chat_generations(generations: Sequence[Any]) -> list[ChatGeneration]:
+    if not all(isinstance(g, ChatGeneration) for g in generations):
+        msg = "The server answered with a choice that is not a chat message."
+        raise TypeError(msg)
+    return list(generations)
+
+
+def _run_options(config: RunnableConfig) -> dict[str, Any]:
     """The callbacks, tags and metadata of the run this call is part of."""
-    config = ensure_config()
     return {
         "callbacks": config.get("callbacks"),
         "tags": config.get("tags"),
