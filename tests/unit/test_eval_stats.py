@@ -501,3 +501,31 @@ def test_llm_judge_asks_for_logprobs_for_either_scoring_when_told(
     kwargs = recorder.calls[0].kwargs
     assert "response_format" in kwargs
     assert (kwargs.get("logprobs") is True) is asked
+
+
+def test_a_judge_with_no_readable_verdict_is_counted_and_the_vote_decides(tmp_path: Path) -> None:
+    stats = JobStats()
+    generator = FakeChatModel(replies=lambda c: GEN[c.kwargs["seed"]])
+    mute = FakeChatModel(replies=["I cannot say."])
+    vote = MajorityVote()
+    with CandidateStore(tmp_path / "s.sqlite") as db:
+        evaluator = Evaluator(
+            pool=Pool([handle(generator, name="gen")], db, stats),
+            strategies=[
+                EvalStrategy.single(),
+                EvalStrategy.best_of_n("bon-judge", LLMJudge(mute), fallback=vote),
+                EvalStrategy.best_of_n("bon-pairwise", PairwiseJudge(mute), fallback=vote),
+            ],
+            ns=[4],
+        )
+        items = [item("Capital of France?", id="fr", refs=("Paris",))]
+        report = asyncio.run(run_eval(items, evaluator=evaluator))
+    answers = {a.strategy: a for a in report.items[0].answers}
+    assert answers["bon-judge"].fallback and answers["bon-pairwise"].fallback
+    assert (answers["bon-judge"].judge_asked, answers["bon-judge"].judge_valid) == (4, 0)
+    assert (answers["bon-pairwise"].judge_asked, answers["bon-pairwise"].judge_valid) == (6, 0)
+    quality = {j.strategy: j for j in report.judges}
+    assert quality["bon-judge"].valid_rate == 0.0
+    sampled = quality["bon-judge"].sampled
+    assert sampled is not None and sampled.pairwise_accuracy is None and sampled.scored_pairs == 0
+    assert quality["bon-judge"].expected is None  # no reply carried logprobs
