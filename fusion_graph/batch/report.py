@@ -34,7 +34,7 @@ from fusion_graph.batch.records import (
     ItemResult,
     StrategyScore,
 )
-from fusion_graph.batch.stats import bootstrap
+from fusion_graph.batch.stats import LEVEL, RESAMPLES, SEED, bootstrap
 
 __all__ = [
     "CSV_FIELDS",
@@ -285,8 +285,16 @@ def markdown_table(scores: Sequence[StrategyScore]) -> str:
 
 
 def summary_lines(report: EvalReport) -> list[str]:
-    """What follows the table: FusioN against the best BoN at each N, then the judges."""
+    """What follows the table: how to read its intervals, FusioN against the best BoN at
+    each N, then the judges."""
     lines: list[str] = []
+    if any(s.contains_low is not None or s.win_rate_low is not None for s in report.scores):
+        numeric = max((s.with_numeric_reference for s in report.scores), default=0)
+        lines.append(
+            f"[low, high]: {100 * LEVEL:.0f}% bootstrap interval over items ({RESAMPLES} "
+            f"resamples, seed {SEED}); numeric accuracy over the {numeric} items with a "
+            "numeric reference."
+        )
     if report.paired:
         first = report.paired[0]
         lines.append(

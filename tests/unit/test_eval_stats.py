@@ -393,7 +393,7 @@ def test_judge_quality_measures_both_scorings_from_the_same_replies(tmp_path: Pa
 
 def test_judge_quality_is_printed_and_written(tmp_path: Path) -> None:
     report = judged_eval(tmp_path, [])
-    lines = summary_lines(report)
+    lines = summary_lines(report)[1:]  # after the intervals' legend
     assert "bon-judge (pointwise): verdicts 10/12 valid (83.3%)" in lines[1]
     assert "sampled: pairwise accuracy 50.0% [50.0, 50.0] on 4/8 pairs, Spearman n/a" in lines[2]
     assert (
@@ -457,6 +457,8 @@ def test_eval_command_prints_the_paired_tests_and_the_judges(
     assert result.exit_code == 0, result.output
     stdout = result.stdout
     assert "numeric" in stdout and "% [" in stdout
+    assert "[low, high]: 95% bootstrap interval over items (2000 resamples, seed 0)" in stdout
+    assert "numeric accuracy over the 1 items with a numeric reference" in stdout
     assert "N=2: fusion - " in stdout and "McNemar p = " in stdout
     assert "bon-judge (pointwise): verdicts" in stdout and "win-rate judge: verdicts" in stdout
     payload = json.loads((out / "eval.json").read_text())
