@@ -9,7 +9,8 @@ majority vote) at one N, run through the async API (``ainvoke``) and the sync on
 * **ideal**: the critical path of model calls at the server's latency: one candidate round,
   then the decision's rounds (fusion and judge: one; pairwise: ``ceil(log2 N)``; vote: none).
 * **floor**: the same requests written by hand with one ``httpx.AsyncClient`` (httpx2, the
-  OpenAI SDK's successor of httpx, when installed) and ``asyncio.gather`` (one ``n=N`` request or N requests, then the decision's requests).
+  OpenAI SDK's successor of httpx, when installed) and ``asyncio.gather`` (one ``n=N``
+  request or N requests, then the decision's requests).
 * **CPU / request**: the client process's CPU time over the timed runs divided by the
   requests the server received (so it includes fusion-graph's orchestration).
 

@@ -9,10 +9,10 @@ URL is https), a ``Content-Length`` or chunked answer, a whole-request timeout.
 :class:`AsyncOrigin` serves one event loop (asyncio protocol, no streams); :class:`SyncOrigin`
 serves every thread (``http.client`` connections in a shared idle list). Both return a
 :class:`HttpReply` for any status; what a status means is the caller's business. A request
-whose connection failed before any answer byte arrived is sent once more on a new connection
-when the failed one was a reused keep-alive connection (the server may have closed it while
-idle). A cancelled or timed-out request closes its connection, so the server sees the client
-go.
+is sent once: an idle connection the server has closed (or written to) is dropped before it
+is reused, and a connection that fails mid-request is an error for the caller's retry policy
+(a request the server may have received is never re-sent behind its back). A cancelled or
+timed-out request closes its connection, so the server sees the client go.
 
 No proxies, no redirects, no compression, no HTTP/2: callers use a full client for those.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import select
 import ssl
 import threading
 from dataclasses import dataclass
@@ -237,24 +238,20 @@ class AsyncOrigin:
         return connection
 
     async def post(
-        self, target: str, headers: dict[str, str], body: bytes, *, timeout: float | None
+        self, target: str, headers: dict[str, str], body: bytes, *, timeout_s: float | None
     ) -> HttpReply:
         """POST ``body`` to ``target`` (a path with its query). Raises ``TimeoutError`` after
-        ``timeout`` seconds, :class:`ProtocolError` (a ``ConnectionError``) or ``OSError``
+        ``timeout_s`` seconds, :class:`ProtocolError` (a ``ConnectionError``) or ``OSError``
         when no whole answer came."""
         data = request_head(self.origin, target, headers, len(body)) + body
-        async with asyncio.timeout(timeout):
-            while self._idle:
-                connection = self._idle.pop()
-                if connection.closed:
-                    continue
-                try:
-                    return await self._exchange(connection, data)
-                except ProtocolError as exc:
-                    if exc.answered:
-                        raise
-                    # a kept-alive connection the server had closed: try the next one
-            return await self._exchange(await self._connect(), data)
+        async with asyncio.timeout(timeout_s):
+            connection = None
+            while self._idle and connection is None:
+                idle = self._idle.pop()
+                connection = None if idle.closed else idle  # closed while idle: dropped
+            if connection is None:
+                connection = await self._connect()
+            return await self._exchange(connection, data)
 
     async def _exchange(self, connection: _Connection, data: bytes) -> HttpReply:
         try:
@@ -298,19 +295,21 @@ class SyncOrigin:
         return http.client.HTTPConnection(self.origin.host, self.origin.port, timeout=timeout)
 
     def post(
-        self, target: str, headers: dict[str, str], body: bytes, *, timeout: float | None
+        self, target: str, headers: dict[str, str], body: bytes, *, timeout_s: float | None
     ) -> HttpReply:
         """Blocking :meth:`AsyncOrigin.post` (the timeout bounds each socket wait)."""
-        while True:
+        connection = None
+        while connection is None:
             with self._lock:
-                connection = self._idle.pop() if self._idle else None
-            if connection is None:
-                return self._exchange(self._connect(timeout), target, headers, body, timeout)
-            try:
-                return self._exchange(connection, target, headers, body, timeout)
-            except ProtocolError as exc:
-                if exc.answered:
-                    raise
+                if not self._idle:
+                    break
+                connection = self._idle.pop()
+            if _stale(connection):
+                connection.close()
+                connection = None
+        if connection is None:
+            connection = self._connect(timeout_s)
+        return self._exchange(connection, target, headers, body, timeout_s)
 
     def _exchange(
         self,
@@ -331,12 +330,12 @@ class SyncOrigin:
             data = response.read()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
             connection.close()
-            raise ProtocolError(
-                f"the server closed the connection ({exc})", answered=answered
-            ) from exc
+            msg = f"the server closed the connection ({exc})"
+            raise ProtocolError(msg, answered=answered) from exc
         except http.client.HTTPException as exc:
             connection.close()
-            raise ProtocolError(f"malformed answer: {exc!r}", answered=True) from exc
+            msg = f"malformed answer: {exc!r}"
+            raise ProtocolError(msg, answered=True) from exc
         except BaseException:
             connection.close()
             raise
@@ -351,7 +350,21 @@ class SyncOrigin:
         return reply
 
     def close(self) -> None:
+        """Close the idle connections."""
         with self._lock:
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+
+
+def _stale(connection: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection can no longer carry a request: closed, or readable (the
+    server closed its end or sent something unasked)."""
+    sock = connection.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

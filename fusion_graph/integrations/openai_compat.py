@@ -127,9 +127,9 @@ class _LoopTwins:
     """Set when the loop closed without shutting its async generators down."""
 
 
-# _REGISTRY_LOCK guards _LOOP_TWINS and _SYNC_ORIGINS. An entry holds its loop alive (through its clients'
-# connections and its watcher), so entries are removed explicitly: when the loop shuts down,
-# or, for a loop closed without that, at the next copy made on any loop.
+# _REGISTRY_LOCK guards _LOOP_TWINS and _SYNC_ORIGINS. An entry holds its loop alive (through
+# its clients' connections and its watcher), so entries are removed explicitly: when the loop
+# shuts down, or, for a loop closed without that, at the next copy or origin made on any loop.
 _REGISTRY_LOCK = threading.Lock()
 _LOOP_TWINS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTwins] = (
     weakref.WeakKeyDictionary()

@@ -211,7 +211,7 @@ def _wait(state: RetryCallState) -> float:
     asked = retry_after_s(exc) if exc is not None else None
     if asked is not None and 0 < asked <= 60:
         return asked
-    backoff = min(0.5 * 2 ** (state.attempt_number - 1), 8.0)
+    backoff = min(0.5 * 2.0 ** (state.attempt_number - 1), 8.0)
     return backoff * (1 - 0.25 * random.random())
 
 
@@ -230,7 +230,7 @@ async def apost(origin: AsyncOrigin, request: ChatRequest) -> dict[str, Any]:
     async def once() -> dict[str, Any]:
         try:
             reply = await origin.post(
-                request.target, request.headers, request.body, timeout=request.timeout
+                request.target, request.headers, request.body, timeout_s=request.timeout
             )
         except (OSError, TimeoutError) as exc:  # ProtocolError is a ConnectionError
             raise _connection_error(request, exc) from exc
@@ -238,7 +238,7 @@ async def apost(origin: AsyncOrigin, request: ChatRequest) -> dict[str, Any]:
 
     if request.max_retries <= 0:
         return await once()
-    return await AsyncRetrying(**_retrying_options(request))(once)  # type: ignore[no-any-return]
+    return await AsyncRetrying(**_retrying_options(request))(once)
 
 
 def post(origin: SyncOrigin, request: ChatRequest) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def post(origin: SyncOrigin, request: ChatRequest) -> dict[str, Any]:
     def once() -> dict[str, Any]:
         try:
             reply = origin.post(
-                request.target, request.headers, request.body, timeout=request.timeout
+                request.target, request.headers, request.body, timeout_s=request.timeout
             )
         except (OSError, TimeoutError) as exc:
             raise _connection_error(request, exc) from exc
@@ -255,4 +255,4 @@ def post(origin: SyncOrigin, request: ChatRequest) -> dict[str, Any]:
 
     if request.max_retries <= 0:
         return once()
-    return Retrying(**_retrying_options(request))(once)  # type: ignore[no-any-return]
+    return Retrying(**_retrying_options(request))(once)
