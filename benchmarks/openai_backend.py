@@ -27,10 +27,12 @@ import argparse
 import asyncio
 import math
 import os
+import platform
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 try:  # httpx's successor (the OpenAI SDK's HTTP library): httpx 0.x's connection pool
@@ -303,7 +305,7 @@ def async_vs_sync(rows: Sequence[dict[str, Any]]) -> str:
 
 def load() -> str:
     one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=LATENCY)
     parser.add_argument("--server", choices=["both", "honoured", "ignored"], default="both")
     parser.add_argument("--no-request-cpu", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
+    command = " ".join(["python -m benchmarks.openai_backend", *(argv or sys.argv[1:])])
     modes = {"both": (True, False), "honoured": (True,), "ignored": (False,)}[args.server]
-    print(f"before: {load()}", file=sys.stderr)
+    before = load()
+    print(f"before: {before}", file=sys.stderr)
     rows = measure(
         [int(s) for s in args.sizes.split(",")],
         args.strategies.split(","),
@@ -325,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         server_modes=modes,
     )
     sections = [
-        f"Latency {args.latency * 1000:.0f} ms, median of {args.repeats}; after: {load()}.",
+        f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}. Latency {args.latency * 1000:.0f} ms, median of "
+        f"{args.repeats}. Load before: {before}; after: {load()}.",
         to_markdown(rows),
         async_vs_sync(rows),
     ]
@@ -335,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             "| chat model alone, 64 concurrent calls | CPU µs / request |\n|---|---:|\n"
             + "\n".join(f"| {name} | {us:.0f} |" for name, us in cpu.items())
         )
-    print("\n\n".join(sections))
+    text = "\n\n".join(sections) + "\n"
+    if args.out is not None:
+        args.out.write_text(text)
+    print(text)
     return 0
 
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -299,8 +300,7 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         payload: dict[str, Any] = super()._get_request_payload(input_, stop=stop, **kwargs)
         key = self.max_tokens_key
         if key is None:
-            host = urlsplit(self.endpoint).hostname or ""
-            key = "max_completion_tokens" if host == _OPENAI_HOST else "max_tokens"
+            key = "max_completion_tokens" if _is_openai(self.endpoint) else "max_tokens"
         if key == "max_tokens" and "max_completion_tokens" in payload:
             payload["max_tokens"] = payload.pop("max_completion_tokens")
         if not self.supports_seed:
@@ -325,7 +325,7 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         if key is not None and not isinstance(key, SecretStr):
             return None  # a callable key: the SDK knows when to call it
         base_url = self.endpoint
-        if not _is_loopback(base_url) and any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        if any(os.environ.get(v) for v in _PROXY_VARIABLES) and not _is_loopback(base_url):
             return None
         return build_request(
             payload,
@@ -496,6 +496,12 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         for old in stale:
             await _close_twin(old)
         return twin
+
+
+@functools.lru_cache(maxsize=256)
+def _is_openai(endpoint: str) -> bool:
+    """Whether ``endpoint`` is OpenAI's own API (which reads ``max_completion_tokens``)."""
+    return (urlsplit(endpoint).hostname or "") == _OPENAI_HOST
 
 
 def _parsed(content: object) -> object:

@@ -16,6 +16,7 @@ retried like the SDK retries them (``max_retries``, default 2: connection errors
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Mapping
@@ -116,12 +117,10 @@ def build_request(
     extra_query = body.pop("extra_query", None) or {}
     extra_body = body.pop("extra_body", None) or {}
     body.update(extra_body)
-    url = base_url.rstrip("/") + "/chat/completions"
-    parts = urlsplit(url)
-    query = {**(default_query or {}), **extra_query}
-    target = parts.path or "/"
-    if parts.query or query:
-        target += "?" + "&".join(q for q in (parts.query, urlencode(query)) if q)
+    url, origin, target = _route(base_url)
+    if default_query or extra_query:
+        query = urlencode({**(default_query or {}), **extra_query})
+        target += ("&" if "?" in target else "?") + query
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -131,13 +130,22 @@ def build_request(
     headers.update(extra_headers)
     return ChatRequest(
         url=url,
-        origin=Origin.of(url),
+        origin=origin,
         target=target,
         headers=headers,
         body=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
         timeout=_seconds(DEFAULT_TIMEOUT_S if request_timeout is None else request_timeout),
         max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _route(base_url: str) -> tuple[str, Origin, str]:
+    """The chat-completions URL of ``base_url``, its origin, and its path with any query."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return url, Origin.of(url), target
 
 
 # -- answers and errors -----------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import durable, spend
+from benchmarks import durable, openai_backend, spend
 from benchmarks.__main__ import main
 
 
@@ -57,3 +57,24 @@ def test_spend_benchmark_writes_the_tables(tmp_path: Path) -> None:
         assert r["cut_but_kept"] == 0
         assert r["fusor_saw_kept"] == r["runs"]
     assert all(r["cancelled"] == 0 for r in rows if r["arm"] == "without")
+
+
+def test_openai_backend_benchmark_writes_the_tables(tmp_path: Path) -> None:
+    out = tmp_path / "openai_backend.md"
+    argv = ["--sizes", "2", "--repeats", "1", "--latency", "0.01", "--no-request-cpu"]
+    assert openai_backend.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| server | strategy | N | path | wall (ms) | ÷ ideal | floor ÷ ideal |" in text
+    for server in ("n honoured", "n ignored"):
+        for strategy in openai_backend.STRATEGIES:
+            for path in ("async", "sync"):
+                assert f"| {server} | {strategy} | 2 | {path} |" in text
+    assert "| async ÷ sync |" in text
+    assert "Command: `python -m benchmarks.openai_backend --sizes 2" in text
+    cpu = openai_backend.request_cpu(concurrent=4, rounds=1)
+    assert set(cpu) == {
+        "raw httpx (async)",
+        "ainvoke",
+        "ainvoke, response_format bound",
+        "invoke (threads)",
+    }
