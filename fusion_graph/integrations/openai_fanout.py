@@ -118,8 +118,9 @@ class ChatOpenAIFanOut(ChatOpenAI):
                 if not self._learn_rejects_n(exc):
                     raise
         missing = list(range(len(replies), k))
+        quiet = unobserved(self, ensure_config()) if missing else False  # once for them all
         futures = [
-            THREAD_POOL.submit(_in_context(self._single), messages_, seeds[i], kwargs)
+            THREAD_POOL.submit(_in_context(self._single), messages_, seeds[i], kwargs, quiet)
             for i in missing
         ]
         for future in futures:
@@ -142,8 +143,9 @@ class ChatOpenAIFanOut(ChatOpenAI):
                 if not self._learn_rejects_n(exc):
                     raise
         missing = range(len(replies), k)
+        quiet = unobserved(self, ensure_config()) if missing else False  # once for them all
         replies += await asyncio.gather(
-            *(self._asingle(messages_, seeds[i], kwargs) for i in missing)
+            *(self._asingle(messages_, seeds[i], kwargs, quiet) for i in missing)
         )
         return replies
 
@@ -186,22 +188,24 @@ class ChatOpenAIFanOut(ChatOpenAI):
         generations = await self._achat(messages, call)
         return self._split(generations, seeds, kwargs, time.perf_counter() - start)
 
-    def _chat(self, messages: list[BaseMessage], call: dict[str, Any]) -> list[ChatGeneration]:
-        """One request's replies: ``_generate`` directly when nobody listens (see
-        :mod:`~fusion_graph.integrations.untraced`), else a run of ``generate`` under the
-        callbacks, tags and metadata of the run this call is part of."""
+    def _chat(
+        self, messages: list[BaseMessage], call: dict[str, Any], quiet: bool | None = None
+    ) -> list[ChatGeneration]:
+        """One request's replies: ``_generate`` directly when nobody listens (``quiet``, found
+        out here when None; see :mod:`~fusion_graph.integrations.untraced`), else a run of
+        ``generate`` under the callbacks, tags and metadata of the run this call is part of."""
         config = ensure_config()
-        if unobserved(self, config):
+        if quiet if quiet is not None else unobserved(self, config):
             return _chat_generations(finish(self._generate(messages, **call)).generations)
         result = self.generate([messages], **_run_options(config), **call)
         return _chat_generations(result.generations[0])
 
     async def _achat(
-        self, messages: list[BaseMessage], call: dict[str, Any]
+        self, messages: list[BaseMessage], call: dict[str, Any], quiet: bool | None = None
     ) -> list[ChatGeneration]:
         """Async :meth:`_chat`."""
         config = ensure_config()
-        if unobserved(self, config):
+        if quiet if quiet is not None else unobserved(self, config):
             result = finish(await self._agenerate(messages, **call))
             return _chat_generations(result.generations)
         llm_result = await self.agenerate([messages], **_run_options(config), **call)
@@ -264,23 +268,23 @@ class ChatOpenAIFanOut(ChatOpenAI):
         return replies
 
     def _single(
-        self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any]
+        self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any], quiet: bool
     ) -> AIMessage | Exception:
         call = self._call_kwargs(seed, kwargs, 1)
         start = time.perf_counter()
         try:
-            generations = self._chat(messages, call)
+            generations = self._chat(messages, call, quiet)
             return self._one(generations, seed, time.perf_counter() - start)
         except Exception as exc:  # one candidate's failure is that candidate's
             return exc
 
     async def _asingle(
-        self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any]
+        self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any], quiet: bool
     ) -> AIMessage | Exception:
         call = self._call_kwargs(seed, kwargs, 1)
         start = time.perf_counter()
         try:
-            generations = await self._achat(messages, call)
+            generations = await self._achat(messages, call, quiet)
             return self._one(generations, seed, time.perf_counter() - start)
         except Exception as exc:
             return exc
