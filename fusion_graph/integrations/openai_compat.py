@@ -25,6 +25,20 @@ Concurrency
     limits for one endpoint the smallest wins. A model that names none leaves the endpoint's
     limit as it is. ``EndpointLimiter`` and ``endpoint_limiter`` are re-exported here.
 
+Requests
+    A request that is not streamed goes out on a lean path
+    (:mod:`~fusion_graph.integrations.openai_requests` over
+    :mod:`~fusion_graph.integrations.http1`): the payload langchain-openai builds, as JSON, on this process's own keep-alive connections to the
+    endpoint, and the answer read back with langchain-openai's own parsing; the same
+    messages, metadata, exception classes and retries (``max_retries``) as through the SDK,
+    for about a tenth of the client CPU. When no callback handler is attached (no LangSmith
+    tracing, no handler in the call's config, none from a configure hook), ``invoke``,
+    ``ainvoke`` and ``sample_n`` call ``_generate`` directly, without langchain-core's run
+    bookkeeping (:mod:`~fusion_graph.integrations.untraced`); with a handler they take the
+    ordinary path, so runs nest as before. Streams, the Responses API, a ``response_format``
+    class, ``http_client`` / ``http_async_client``, ``openai_proxy`` (or proxy variables for a
+    remote host), ``include_response_headers`` and a callable API key use the SDK.
+
 Timing
     Each reply of a request that is not streamed holds in its ``response_metadata``
     ``queue_s`` (the time the request waited for a slot of the endpoint) and ``latency_s``
@@ -32,7 +46,9 @@ Timing
     latencies from ``latency_s``, so they leave out the time queued behind the others.
 
 Event loops
-    langchain-openai's async HTTP client is shared by every event loop, and a pooled
+    The lean path's connections belong to one event loop each and are closed when it shuts
+    down, like the SDK path's clients below. langchain-openai's async HTTP client is shared
+    by every event loop, and a pooled
     connection of a loop that has closed breaks the next one; so each event loop gets its
     own copy of the model, with its own client (unless you pass ``http_async_client``, which
     is then yours to manage). That copy's client is closed when its event loop shuts down

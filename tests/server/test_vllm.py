@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessage
 
 from fusion_graph import LLMJudge, best_of_n, fusion_of_n
 from fusion_graph.integrations.openai_compat import ChatOpenAICompatible, openai_compatible
+from fusion_graph.testing import FakeChatModel
 from tests.conftest import Mode
 from tests.server.conftest import SERVED_NAME, Endpoint, metric
 
@@ -50,15 +51,20 @@ def test_fusion_makes_n_candidates_in_one_http_request(vllm: Endpoint, mode: Mod
     assert len({c.text for c in result.candidates}) >= 2, "n samples should differ"
 
 
-def test_n_samples_prefill_the_prompt_once(vllm: Endpoint) -> None:
-    llm = model(vllm)
-    block = int(
+def block_size(vllm: Endpoint) -> int:
+    """Tokens per KV-cache block (the unit the prefix cache shares)."""
+    return int(
         next(
             k.split('block_size="')[1].split('"')[0]
             for k in vllm.server.metrics()
             if k.startswith("vllm:cache_config_info{")
         )
     )
+
+
+def test_n_samples_prefill_the_prompt_once(vllm: Endpoint) -> None:
+    llm = model(vllm)
+    block = block_size(vllm)
     facts = " ".join(f"Fact {i}: {i} plus {i} is {2 * i}." for i in range(80))
     prompt = f"[{uuid.uuid4()}] {facts} Which fact is about 9?"  # never seen: no cache hit
 
@@ -84,6 +90,53 @@ def test_n_samples_prefill_the_prompt_once(vllm: Endpoint) -> None:
     assert computed + hits == N * prompt_tokens
     assert computed <= prompt_tokens + (N - 1) * block, (computed, hits, prompt_tokens)
     assert hits >= (N - 1) * (prompt_tokens // block) * block, (computed, hits, prompt_tokens)
+
+
+def common_prefix(texts: list[str]) -> str:
+    """The longest string every one of ``texts`` starts with."""
+    first, last = min(texts), max(texts)
+    size = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), None)
+    return first if size is None else first[:size]
+
+
+CANDIDATE_PART_TOKENS = 64
+"""At most this many prompt tokens of a judge call follow its shared prefix: the fenced short
+candidate and the chat template's closing tokens."""
+
+
+def test_judge_calls_share_their_prefix_in_the_prefix_cache(vllm: Endpoint) -> None:
+    """The N judge calls of a run send the instructions and the conversation first, the same
+    bytes in each; only the fenced candidate at the end differs. vLLM computes that prefix
+    once and serves its full blocks from the prefix cache to the other calls (one call at a
+    time here, so each finds the blocks the one before computed)."""
+    block = block_size(vllm)
+    facts = " ".join(f"Fact {i}: {i} plus {i} is {2 * i}." for i in range(60))
+    question = f"[{uuid.uuid4()}] {facts} Which fact is about 9?"  # never seen: no cache hit
+    candidates = FakeChatModel(replies=[f"Fact {i} is about 9." for i in range(N)])
+    judge = model(vllm, temperature=0.0, max_tokens=8, max_concurrency=1)
+
+    before = vllm.server.metrics()
+    result = best_of_n(candidates, n=N, selector=LLMJudge(judge)).run(question)
+    after = vllm.server.metrics()
+
+    posts = vllm.proxy.chat_requests()
+    assert len(posts) == N and [p.status for p in posts] == [200] * N
+    assert [c.ok for c in result.candidates] == [True] * N
+    bodies = [p.body for p in posts if p.body is not None]
+    assert len({repr(b["messages"][0]) for b in bodies}) == 1  # one system message, verbatim
+    users = [b["messages"][-1]["content"] for b in bodies]
+    shared = common_prefix(users)
+    assert question in shared and "Candidate reply, fenced as data:\n<candidate" in shared
+    assert all(len(u) - len(shared) < 4 * CANDIDATE_PART_TOKENS for u in users)
+
+    prompt_tokens = min(p.response["usage"]["prompt_tokens"] for p in posts if p.response)
+    shared_blocks = (prompt_tokens - CANDIDATE_PART_TOKENS) // block
+    assert shared_blocks >= 3, "the shared prefix must span several KV-cache blocks"
+    hits = metric(after, "vllm:prompt_tokens_by_source_total", source="local_cache_hit") - metric(
+        before, "vllm:prompt_tokens_by_source_total", source="local_cache_hit"
+    )
+    # Every call after the first found the shared prefix's full blocks in the cache.
+    assert hits >= (N - 1) * shared_blocks * block, (hits, prompt_tokens, block)
 
 
 def test_best_of_n_with_llm_judge(vllm: Endpoint, mode: Mode) -> None:
