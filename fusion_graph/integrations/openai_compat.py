@@ -28,15 +28,16 @@ Concurrency
 Requests
     A request that is not streamed goes out on a lean path
     (:mod:`~fusion_graph.integrations.openai_requests` over
-    :mod:`~fusion_graph.integrations.http1`): the payload langchain-openai builds, as JSON, on this process's own keep-alive connections to the
-    endpoint, and the answer read back with langchain-openai's own parsing; the same
-    messages, metadata, exception classes and retries (``max_retries``) as through the SDK,
-    for about a tenth of the client CPU. When no callback handler is attached (no LangSmith
-    tracing, no handler in the call's config, none from a configure hook), ``invoke``,
-    ``ainvoke`` and ``sample_n`` call ``_generate`` directly, without langchain-core's run
-    bookkeeping (:mod:`~fusion_graph.integrations.untraced`); with a handler they take the
-    ordinary path, so runs nest as before. Streams, the Responses API, a ``response_format``
-    class, ``http_client`` / ``http_async_client``, ``openai_proxy`` (or proxy variables for a
+    :mod:`~fusion_graph.integrations.http1`): the payload langchain-openai builds, as JSON,
+    on this process's own keep-alive connections to the endpoint, and the answer read back
+    with langchain-openai's own parsing; the same messages, metadata, exception classes and
+    retries (``max_retries``) as through the SDK, for about a tenth of the client CPU. When
+    no callback handler is attached (no LangSmith tracing, no handler in the call's config,
+    none from a configure hook), ``invoke``, ``ainvoke`` and ``sample_n`` call
+    ``_generate`` directly, without langchain-core's run bookkeeping
+    (:mod:`~fusion_graph.integrations.untraced`); with a handler they take the ordinary
+    path, so runs nest as before. Streams, the Responses API, a ``response_format`` class,
+    ``http_client`` / ``http_async_client``, ``openai_proxy`` (or proxy variables for a
     remote host), ``include_response_headers`` and a callable API key use the SDK.
 
 Timing
