@@ -26,8 +26,8 @@ from typing import Any, Literal, cast
 from langchain_core.language_models import BaseChatModel
 
 from fusion_graph.integrations.llama_cpp_models import (
-    DEFAULT_MODEL,
     PACKAGED_MODELS,
+    default_model,
     resolve_model_file,
 )
 
@@ -240,12 +240,12 @@ def build_model(
             )
             raise ImportError(msg) from exc
         local: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
-        chosen = options.get("model", options.get("path"))
-        if chosen is not None and chosen not in PACKAGED_MODELS:
-            local.update(model=str(Path(chosen).expanduser()))
+        chosen = options.get("model", options.get("path")) or default_model()
+        if chosen in PACKAGED_MODELS:
+            resolve_model_file(chosen)  # a clear error now if it is not installed
+            local["model"] = chosen
         else:
-            local.update(model=chosen or DEFAULT_MODEL)
-            resolve_model_file(local["model"])  # a clear error now if it is not installed
+            local["model"] = str(Path(chosen).expanduser())
         if top_p is not None:
             local["top_p"] = top_p
         if seed is not None:

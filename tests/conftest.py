@@ -4,6 +4,7 @@ body, through the ``mode`` fixture."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -11,6 +12,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
+
+# The tests of plumbing (agents, CLI, proxy, Ray, docs, examples) need a real model, not a good
+# one: they run the fastest packaged model, in this process and in the commands they start.
+# The tests of the default model's answers and verdicts (tests/integration/test_quality.py)
+# name it explicitly.
+os.environ.setdefault("FUSION_GRAPH_LOCAL_MODEL", "smollm2-135m")
 
 
 @pytest.fixture(autouse=True)

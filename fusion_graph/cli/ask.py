@@ -25,7 +25,7 @@ from rich.panel import Panel
 from fusion_graph.cli.errors import CliError, err, explain
 from fusion_graph.cli.progress import RunDisplay
 from fusion_graph.cli.tracing import finish_tracing, start_tracing
-from fusion_graph.integrations.llama_cpp_models import DEFAULT_MODEL, PACKAGED_MODELS
+from fusion_graph.integrations.llama_cpp_models import DEFAULT_MODEL, MODEL_ENV, PACKAGED_MODELS
 from fusion_graph.models import ModelSpec, build_model
 from fusion_graph.nodes.judges import make_selector
 from fusion_graph.types import Candidate, FusionResult, TokenUsage
@@ -168,8 +168,9 @@ def ask(
         str | None,
         typer.Option(
             help="With --base-url: the model's name on the server. Without: an embedded "
-            f"model ({', '.join(PACKAGED_MODELS)}; default {DEFAULT_MODEL}), a chat GGUF "
-            "file's path or a local:OPTS spec (e.g. local:model=smollm2-135m,repeat_penalty=1.2)."
+            f"model ({', '.join(PACKAGED_MODELS)}; default ${MODEL_ENV}, else "
+            f"{DEFAULT_MODEL}), a chat GGUF file's path or a local:OPTS spec (e.g. "
+            "local:model=smollm2-135m,repeat_penalty=1.2)."
         ),
     ] = None,
     base_url: Annotated[

@@ -37,8 +37,8 @@ from fusion_graph.integrations.chat_template import to_chat
 from fusion_graph.integrations.llama_cpp_batch import sample_batch
 from fusion_graph.integrations.llama_cpp_loader import LoadedModel, cpu_count, load_model
 from fusion_graph.integrations.llama_cpp_models import (
-    DEFAULT_MODEL,
     PACKAGED_MODELS,
+    default_model,
     default_model_path,
     resolve_model_file,
 )
@@ -92,9 +92,10 @@ class ChatLocalModel(BlockingChatModel):
     takes_json_schema: ClassVar[bool] = True
     """Replies follow an OpenAI-style ``response_format`` JSON schema (llama.cpp grammar)."""
 
-    model: str = DEFAULT_MODEL
+    model: str = Field(default_factory=default_model)
     """A packaged model's name (``qwen2.5-coder-0.5b``, the default; ``smollm2-135m``, the
-    fastest; ``qwen2.5-coder-1.5b``, see ``docs/models.md``) or the path of a chat GGUF file."""
+    fastest; ``qwen2.5-coder-1.5b``, see ``docs/models.md``) or the path of a chat GGUF file.
+    Unset: ``$FUSION_GRAPH_LOCAL_MODEL``, else the default."""
     model_path: str | None = None
     """Path of a chat GGUF file; when set it is used instead of ``model``."""
     temperature: float = Field(default=0.7, ge=0.0)
@@ -280,6 +281,8 @@ class ChatLocalModel(BlockingChatModel):
         )
         if isinstance(reply, Exception):
             raise reply
+        for key in ("batched", "batch_size"):  # one reply, though made by the batch decoder
+            reply.response_metadata.pop(key, None)
         return reply
 
     def with_structured_output(

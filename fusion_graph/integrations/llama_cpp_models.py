@@ -30,8 +30,10 @@ from typing import BinaryIO
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MODEL_ENV",
     "PACKAGED_MODELS",
     "PackagedModel",
+    "default_model",
     "default_model_path",
     "model_cache_dir",
     "packaged_model",
@@ -106,6 +108,16 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 """The embedded default, chosen by the measurements in ``docs/models.md``."""
+
+MODEL_ENV = "FUSION_GRAPH_LOCAL_MODEL"
+"""Environment variable naming the embedded model used when none is given (a packaged
+model's name or a GGUF path), e.g. ``smollm2-135m`` for quick runs."""
+
+
+def default_model() -> str:
+    """The embedded model used when none is given: ``$FUSION_GRAPH_LOCAL_MODEL``, else
+    :data:`DEFAULT_MODEL`."""
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
 
 
 def default_model_path() -> Path:
