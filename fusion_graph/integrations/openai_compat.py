@@ -329,7 +329,7 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
     def _lean_request(self, payload: dict[str, Any]) -> ChatRequest | None:
         """``payload`` as a request of the lean path, or None when the SDK must send it: a
         stream, the Responses API, a ``response_format`` class (the SDK parses into it),
-        clients or a proxy of the user's, response headers asked for."""
+        clients or a proxy of the user's, response headers asked for, no base URL."""
         if payload.get("stream") or "messages" not in payload:
             return None
         if not isinstance(payload.get("response_format", {}), dict):
@@ -338,6 +338,8 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
             return None
         if self.openai_proxy or self.include_response_headers:
             return None
+        if self.openai_api_base is None:
+            return None  # the SDK's default, which OPENAI_BASE_URL may change
         key = self.openai_api_key
         if key is not None and not isinstance(key, SecretStr):
             return None  # a callable key: the SDK knows when to call it

@@ -121,7 +121,11 @@ def build_request(
     if default_query or extra_query:
         query = urlencode({**(default_query or {}), **extra_query})
         target += ("&" if "?" in target else "?") + query
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "Accept-Encoding": "identity",  # the client decodes no compression
+    }
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     if organization:

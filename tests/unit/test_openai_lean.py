@@ -297,3 +297,33 @@ def test_each_event_loop_has_its_own_connections_closed_at_shutdown(server: Serv
     for _ in range(3):
         assert asyncio.run(llm.ainvoke("Hi")).text == '{"score": 0}'
     assert not [loop for loop, entry in openai_compat._LOOP_TWINS.items() if entry.origins]
+
+
+@pytest.mark.parametrize(
+    ("options", "call", "lean"),
+    [
+        ({}, {}, True),
+        ({}, {"stream": True}, False),
+        ({"include_response_headers": True}, {}, False),
+        ({"openai_proxy": "http://127.0.0.1:3128"}, {}, False),
+        ({}, {"response_format": Verdict}, False),
+    ],
+)
+def test_what_takes_the_lean_path(
+    options: dict[str, Any], call: dict[str, Any], lean: bool
+) -> None:
+    llm = ChatOpenAICompatible(base_url="http://127.0.0.1:9/v1", model="m", api_key="k", **options)
+    payload = llm._get_request_payload([("user", "Hi")], **call)
+    assert (llm._lean_request(payload) is not None) is lean
+
+
+def test_the_sdk_sends_what_has_no_base_url_or_goes_through_a_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    default = ChatOpenAICompatible(model="m", api_key="k")
+    assert default._lean_request(default._get_request_payload([("user", "Hi")])) is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    remote = ChatOpenAICompatible(base_url="https://api.example.com/v1", model="m", api_key="k")
+    assert remote._lean_request(remote._get_request_payload([("user", "Hi")])) is None
+    local = ChatOpenAICompatible(base_url="http://127.0.0.1:9/v1", model="m", api_key="k")
+    assert local._lean_request(local._get_request_payload([("user", "Hi")])) is not None
