@@ -47,16 +47,12 @@ Timing
     latencies from ``latency_s``, so they leave out the time queued behind the others.
 
 Event loops
-    The lean path's connections belong to one event loop each and are closed when it shuts
-    down, like the SDK path's clients below. langchain-openai's async HTTP client is shared
-    by every event loop, and a pooled
-    connection of a loop that has closed breaks the next one; so each event loop gets its
-    own copy of the model, with its own client (unless you pass ``http_async_client``, which
-    is then yours to manage). That copy's client is closed when its event loop shuts down
-    (``asyncio.run`` and ``asyncio.Runner`` do that before closing the loop); a copy whose
-    model is gone is closed when the next copy is made on its loop, and the copies of a loop
-    closed without that shutdown are dropped when the next copy is made on any loop. So
-    repeated ``asyncio.run`` calls keep no loops, clients or connections alive.
+    A connection belongs to the event loop that opened it, so each event loop has its own:
+    the lean path's connections, and for what still goes through the SDK a copy of the model
+    with its own HTTP client (unless you pass ``http_async_client``, which is then yours to
+    manage). They are closed when the loop shuts down (``asyncio.run`` and
+    ``asyncio.Runner`` do that before closing the loop), so repeated ``asyncio.run`` calls
+    keep no loops, clients or connections alive (:mod:`~fusion_graph.integrations.loop_clients`).
 
 Example:
     >>> from fusion_graph import fusion_of_n
@@ -69,16 +65,12 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
 import os
-import threading
 import time
-import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -99,7 +91,14 @@ from fusion_graph.integrations.endpoint_limits import (
     forget_limiter,
     is_loopback,
 )
-from fusion_graph.integrations.http1 import AsyncOrigin, Origin, SyncOrigin
+from fusion_graph.integrations.http1 import Origin
+from fusion_graph.integrations.loop_clients import (
+    async_origin,
+    copy_for,
+    forget_sync_origin,
+    keep_copy,
+    sync_origin,
+)
 from fusion_graph.integrations.openai_fanout import ChatOpenAIFanOut, forget_ignores_n
 from fusion_graph.integrations.openai_requests import ChatRequest, apost, build_request, post
 from fusion_graph.integrations.untraced import STRUCTURED_OUTPUT_KEYS, finish, unobserved
@@ -124,153 +123,13 @@ _PROXY_VARIABLES = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# What this process keeps per endpoint and per event loop
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _LoopTwins:
-    """One event loop's copies of the models (see :meth:`ChatOpenAICompatible._for_this_loop`)
-    and the async generator that closes them when the loop shuts down."""
-
-    twins: dict[int, tuple[weakref.ref[ChatOpenAICompatible], ChatOpenAICompatible]] = field(
-        default_factory=dict
-    )
-    """``id(model)`` -> (the model, weakly; its copy)."""
-    origins: dict[Origin, AsyncOrigin] = field(default_factory=dict)
-    """The lean path's connections of this loop, per origin."""
-    watcher: AsyncGenerator[None, None] | None = None
-    dropped: bool = False
-    """Set when the loop closed without shutting its async generators down."""
-
-
-# _REGISTRY_LOCK guards _LOOP_TWINS and _SYNC_ORIGINS. An entry holds its loop alive (through
-# its clients' connections and its watcher), so entries are removed explicitly: when the loop
-# shuts down, or, for a loop closed without that, at the next copy or origin made on any loop.
-_REGISTRY_LOCK = threading.Lock()
-_LOOP_TWINS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTwins] = (
-    weakref.WeakKeyDictionary()
-)
-_SYNC_ORIGINS: dict[Origin, SyncOrigin] = {}
-
-
-async def _watch(entry: _LoopTwins) -> AsyncGenerator[None, None]:
-    """Waits, as an async generator of its event loop, for the loop to shut its async
-    generators down (``loop.shutdown_asyncgens``), then closes the loop's copies."""
-    try:
-        yield
-    finally:
-        if not entry.dropped:
-            await _close_loop_twins(asyncio.get_running_loop(), entry)
-
-
-async def _close_loop_twins(loop: asyncio.AbstractEventLoop, entry: _LoopTwins) -> None:
-    with _REGISTRY_LOCK:
-        if _LOOP_TWINS.get(loop) is entry:
-            del _LOOP_TWINS[loop]
-        twins = [twin for _, twin in entry.twins.values()]
-        entry.twins.clear()
-        origins, entry.origins = list(entry.origins.values()), {}
-    for origin in origins:
-        origin.close()
-    for twin in twins:
-        await _close_twin(twin)
-
-
-async def _close_twin(twin: ChatOpenAICompatible) -> None:
-    if twin.root_async_client is not None:
-        with contextlib.suppress(Exception):  # closing is best effort
-            await twin.root_async_client.close()
-
-
-def _drop(entry: _LoopTwins) -> None:
-    """Forget the copies of a loop that is already closed (their sockets close when they
-    are collected) and finish its watcher without running anything on the loop."""
-    entry.dropped = True
-    entry.twins.clear()
-    entry.origins = {}
-    watcher, entry.watcher = entry.watcher, None
-    if watcher is None:
-        return
-    closing = watcher.aclose()  # _watch awaits nothing once dropped: one step finishes it
-    with contextlib.suppress(StopIteration):
-        closing.send(None)
-
-
-def _loop_entry(
-    loop: asyncio.AbstractEventLoop,
-) -> tuple[_LoopTwins, AsyncGenerator[None, None] | None]:
-    """``loop``'s entry, and its watcher when it is new (to start). Must hold the lock; the
-    entries of closed loops are dropped by :func:`_register_twin` / :func:`_async_origin`."""
-    entry = _LOOP_TWINS.get(loop)
-    if entry is None:
-        entry = _LOOP_TWINS[loop] = _LoopTwins()
-    watcher = None
-    if entry.watcher is None:
-        watcher = entry.watcher = _watch(entry)
-    return entry, watcher
-
-
-def _closed_entries() -> list[_LoopTwins]:
-    """Take out the entries of loops closed without shutting down (must hold the lock)."""
-    return [_LOOP_TWINS.pop(other) for other in list(_LOOP_TWINS) if other.is_closed()]
-
-
-def _register_twin(
-    loop: asyncio.AbstractEventLoop, model: ChatOpenAICompatible, twin: ChatOpenAICompatible
-) -> tuple[list[ChatOpenAICompatible], AsyncGenerator[None, None] | None]:
-    """Record ``twin`` as ``model``'s copy for ``loop``. Returns the copies of this loop whose
-    models are gone (to close now) and the loop's watcher when it is new (to start)."""
-    with _REGISTRY_LOCK:
-        closed = _closed_entries()
-        entry, watcher = _loop_entry(loop)
-        gone = [key for key, (ref, _) in entry.twins.items() if ref() is None]
-        stale = [entry.twins.pop(key)[1] for key in gone]
-        entry.twins[id(model)] = (weakref.ref(model), twin)
-    for old in closed:
-        _drop(old)
-    return stale, watcher
-
-
-async def _async_origin(origin: Origin) -> AsyncOrigin:
-    """The running loop's connections to ``origin`` (made on first use, closed when the loop
-    shuts down, like the loop's model copies)."""
-    loop = asyncio.get_running_loop()
-    with _REGISTRY_LOCK:
-        entry = _LOOP_TWINS.get(loop)
-        found = entry.origins.get(origin) if entry is not None else None
-        if found is not None:
-            return found
-        closed = _closed_entries()
-        entry, watcher = _loop_entry(loop)
-        found = entry.origins[origin] = AsyncOrigin(origin)
-    for old in closed:
-        _drop(old)
-    if watcher is not None:
-        await watcher.__anext__()  # see _for_this_loop
-    return found
-
-
-def _sync_origin(origin: Origin) -> SyncOrigin:
-    """The process's blocking connections to ``origin``, shared by every thread."""
-    with _REGISTRY_LOCK:
-        found = _SYNC_ORIGINS.get(origin)
-        if found is None:
-            found = _SYNC_ORIGINS[origin] = SyncOrigin(origin)
-        return found
-
-
 def forget_endpoint(base_url: str | None) -> None:
     """Drop what this process learned about an endpoint: its limiter (once idle) and whether it
     ignores ``n``. Useful when a server is restarted with other settings, and in tests."""
     forget_limiter(base_url)
     forget_ignores_n(endpoint_key(base_url))
-    with contextlib.suppress(ValueError):
-        with _REGISTRY_LOCK:
-            origin = _SYNC_ORIGINS.pop(Origin.of(endpoint_key(base_url)), None)
-        if origin is not None:
-            origin.close()
+    with contextlib.suppress(ValueError):  # not an http(s) URL: no connections were made
+        forget_sync_origin(Origin.of(endpoint_key(base_url)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +285,7 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
                 start = time.perf_counter()
                 result = super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
                 return _timed(result, start - queued, time.perf_counter() - start)
-        origin = _sync_origin(request.origin)
+        origin = sync_origin(request.origin)
         with self.limiter.slot():
             start = time.perf_counter()
             data = post(origin, request)
@@ -451,7 +310,7 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
                     messages, stop=stop, run_manager=run_manager, **kwargs
                 )
                 return _timed(result, start - queued, time.perf_counter() - start)
-        origin = await _async_origin(request.origin)
+        origin = await async_origin(request.origin)
         queued = time.perf_counter()
         async with self.limiter.aslot():
             start = time.perf_counter()
@@ -497,23 +356,14 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
             return self
         import openai  # installed: openai_fanout, imported above, checks for it
 
-        loop = asyncio.get_running_loop()
-        with _REGISTRY_LOCK:
-            entry = _LOOP_TWINS.get(loop)
-            found = entry.twins.get(id(self)) if entry is not None else None
-        if found is not None and found[0]() is self:
-            return found[1]
+        found = copy_for(self)
+        if isinstance(found, ChatOpenAICompatible):
+            return found
         root = self.root_async_client.copy(http_client=openai.DefaultAsyncHttpxClient())
         twin = self.model_copy(
             update={"root_async_client": root, "async_client": root.chat.completions}
         )
-        stale, watcher = _register_twin(loop, self, twin)
-        if watcher is not None:
-            # Started here, it is one of this loop's async generators: the loop closes it
-            # when it shuts down (asyncio.run does), and it then closes the loop's copies.
-            await watcher.__anext__()
-        for old in stale:
-            await _close_twin(old)
+        await keep_copy(self, twin, _close_twin)
         return twin
 
 
@@ -521,6 +371,12 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
 def _is_openai(endpoint: str) -> bool:
     """Whether ``endpoint`` is OpenAI's own API (which reads ``max_completion_tokens``)."""
     return (urlsplit(endpoint).hostname or "") == _OPENAI_HOST
+
+
+async def _close_twin(twin: ChatOpenAICompatible) -> None:
+    if twin.root_async_client is not None:
+        with contextlib.suppress(Exception):  # closing is best effort
+            await twin.root_async_client.close()
 
 
 def _parsed(content: object) -> object:

@@ -40,7 +40,7 @@ import pytest
 from langgraph.types import RetryPolicy
 
 from fusion_graph import MajorityVote, best_of_n, fusion_of_n
-from fusion_graph.integrations import openai_compat
+from fusion_graph.integrations import loop_clients
 from fusion_graph.integrations.openai_compat import ChatOpenAICompatible, openai_compatible
 from fusion_graph.types import Candidate, FusionResult
 from tests.conftest import Mode
@@ -379,12 +379,12 @@ def measure_growth(sync: bool) -> dict[str, Any]:
         # measured over a second batch of RUNS: a leak grows it, a settled heap does not.
         runs(WARM_UP + RUNS)
         gc.collect()
-        before, twins = rss_mb(), len(openai_compat._LOOP_TWINS)
+        before, twins = rss_mb(), len(loop_clients.LOOPS)
         runs(RUNS)
         gc.collect()
         return {
             "growth_mb": rss_mb() - before,
-            "twins_kept": len(openai_compat._LOOP_TWINS) - twins,
+            "twins_kept": len(loop_clients.LOOPS) - twins,
             "open_connections": server.open_connections,
         }
 

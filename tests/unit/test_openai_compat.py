@@ -30,7 +30,7 @@ from langchain_core.messages import AIMessage
 from pydantic import SecretStr
 
 from fusion_graph import fusion_of_n
-from fusion_graph.integrations import endpoint_limits, openai_compat
+from fusion_graph.integrations import endpoint_limits, loop_clients
 from fusion_graph.integrations.openai_compat import (
     ChatOpenAICompatible,
     EndpointLimiter,
@@ -940,12 +940,12 @@ async def test_async_replies_and_fused_candidates_report_queue_and_latency(
 
 def test_each_event_loops_client_is_closed_when_the_loop_shuts_down(server: FakeServer) -> None:
     llm = model(server)
-    before = len(openai_compat._LOOP_TWINS)
+    before = len(loop_clients.LOOPS)
     for i in range(3):
         assert isinstance(asyncio.run(llm.ainvoke(f"q{i}")), AIMessage)
         # The loop's connection was closed with the loop, not left open (nor the loop kept).
         wait_until(lambda: server.connections == 0, 5)
-        assert len(openai_compat._LOOP_TWINS) == before
+        assert len(loop_clients.LOOPS) == before
     assert server.connections_opened == 3
 
 
@@ -965,14 +965,14 @@ def test_one_event_loop_reuses_its_client(server: FakeServer) -> None:
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_clients_of_a_loop_closed_without_shutdown_are_dropped(server: FakeServer) -> None:
     llm = model(server)
-    before = len(openai_compat._LOOP_TWINS)
+    before = len(loop_clients.LOOPS)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(llm.ainvoke("a"))  # no shutdown_asyncgens: nothing was closed
     loop.close()
     asyncio.run(llm.ainvoke("b"))  # the next copy made drops the closed loop's
 
-    assert loop not in openai_compat._LOOP_TWINS
-    assert len(openai_compat._LOOP_TWINS) == before
+    assert loop not in loop_clients.LOOPS
+    assert len(loop_clients.LOOPS) == before
     del loop
     gc.collect()  # its sockets close when collected
     wait_until(lambda: server.connections == 0, 5)

@@ -21,7 +21,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableLambda
 from pydantic import BaseModel
 
-from fusion_graph.integrations import openai_compat
+from fusion_graph.integrations import loop_clients
 from fusion_graph.integrations.openai_compat import (
     ChatOpenAICompatible,
     forget_endpoint,
@@ -29,6 +29,7 @@ from fusion_graph.integrations.openai_compat import (
 )
 from fusion_graph.nodes.verdicts import takes_json_schema
 from tests.conftest import Mode
+from tests.faults.fake_openai import FakeOpenAI, reply_text
 
 Answer = Callable[[dict[str, Any]], tuple[int, dict[str, Any], dict[str, str]]]
 
@@ -66,7 +67,7 @@ class Server:
         self.in_flight = 0
         self.peak = 0
         self.hold_until = 0
-        """Hold each request until this many are in flight at once (or 5 s passed)."""
+        """Hold each request until this many are in flight at once (or 10 s passed)."""
         self.cond = threading.Condition()
         self.base_url = ""
 
@@ -76,7 +77,7 @@ class Server:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
             self.cond.notify_all()
-            self.cond.wait_for(lambda: self.peak >= self.hold_until, timeout=5)
+            self.cond.wait_for(lambda: self.peak >= self.hold_until, timeout=10)
         try:
             return self.answer(body)
         finally:
@@ -106,8 +107,11 @@ def server() -> Iterator[Server]:
             self.end_headers()
             self.wfile.write(data)
 
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    http.daemon_threads = True
+    class HTTPServer(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # a fan-out connects all at once: no SYN may be dropped
+
+    http = HTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=http.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     fake.base_url = f"http://127.0.0.1:{http.server_address[1]}/v1"
@@ -296,7 +300,7 @@ def test_each_event_loop_has_its_own_connections_closed_at_shutdown(server: Serv
     llm = model(server)
     for _ in range(3):
         assert asyncio.run(llm.ainvoke("Hi")).text == '{"score": 0}'
-    assert not [loop for loop, entry in openai_compat._LOOP_TWINS.items() if entry.origins]
+    assert not [loop for loop, entry in loop_clients.LOOPS.items() if entry.origins]
 
 
 @pytest.mark.parametrize(
@@ -327,3 +331,18 @@ def test_the_sdk_sends_what_has_no_base_url_or_goes_through_a_proxy(
     assert remote._lean_request(remote._get_request_payload([("user", "Hi")])) is None
     local = ChatOpenAICompatible(base_url="http://127.0.0.1:9/v1", model="m", api_key="k")
     assert local._lean_request(local._get_request_payload([("user", "Hi")])) is not None
+
+
+def test_a_streaming_models_sdk_copies_are_closed_with_their_loop() -> None:
+    with FakeOpenAI() as fake:
+        llm = openai_compatible(fake.base_url, "fake", streaming=True, max_retries=0, timeout=10)
+        for _ in range(3):
+            assert asyncio.run(llm.ainvoke("Hi")).text == reply_text(None, 0)
+        assert [r.stream for r in fake.requests] == [True] * 3
+        assert not [loop for loop, entry in loop_clients.LOOPS.items() if entry.copies]
+        for _ in range(200):
+            if fake.open_connections == 0:
+                break
+            threading.Event().wait(0.01)
+        assert fake.open_connections == 0
+        forget_endpoint(fake.base_url)
