@@ -86,6 +86,10 @@ def chat_completion(
     chunk iterator with ``stream=True``) with our sampling chain and room for the reply;
     ``extra`` adds ``stop``, ``stream`` or ``response_format``. The caller holds the lock."""
     n_prompt = len(entry.prompt_tokens(chat))
+    # llama-cpp-python keeps the last prompt's KV and decodes only what differs from it; a
+    # prompt decoded in other pieces gives slightly other logits, so the same call with the
+    # same seed would answer differently after a different previous call. Decode it whole.
+    entry.llama.reset()
     return n_prompt, entry.llama.create_chat_completion(
         messages=chat,
         temperature=opts.temperature,

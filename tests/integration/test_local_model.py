@@ -263,3 +263,16 @@ def test_prompt_longer_than_the_context_raises_value_error() -> None:
         small.sample_n(long_prompt, seeds=[1, 2])
     assert _lock_is_free(small)
     assert small.invoke("Hi").text.strip()
+
+
+def test_a_seeded_call_answers_the_same_whatever_came_before() -> None:
+    """Reproducible runs: llama.cpp's cached prefix of the previous prompt must not change the
+    next reply (it did: a prompt decoded in pieces gives slightly other logits)."""
+    model = ChatLocalModel(temperature=0.8, max_tokens=40, seed=7)
+    before: list[object] = [None, "Tell me a joke.", [*PROMPT[:1], HumanMessage("Name a fish.")]]
+    replies = []
+    for previous in [*before, PROMPT]:  # the last one leaves PROMPT itself in the cache
+        if previous is not None:
+            model.invoke(previous)  # type: ignore[arg-type]
+        replies.append(model.invoke(PROMPT).text)
+    assert len(set(replies)) == 1, replies
