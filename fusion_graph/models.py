@@ -1,7 +1,7 @@
 """Model specs: one string names a model, for the command line, the batch jobs, the proxy
 and the examples::
 
-    local[:OPTS]                       the embedded model (Qwen2.5-Coder-0.5B-Instruct, CPU)
+    local[:OPTS]                       the embedded model (Qwen2.5-Coder-1.5B-Instruct, CPU)
     openai:URL:MODEL[:OPTS]            any OpenAI-compatible server (vLLM, llama.cpp server, ...)
     vllm:URL:MODEL[:OPTS]              a vLLM server: a prompt's k samples in one request (n=k)
 
@@ -9,10 +9,10 @@ and the examples::
 ``OPTS`` is ``key=value,key=value`` with ``temperature``, ``top_p``, ``max_tokens``, ``seed``,
 ``name`` (a display or column name), ``concurrency`` (calls in flight per endpoint),
 ``timeout`` (seconds per call), ``api_key_env``, the penalties against repetition
-(:data:`PENALTIES`) and, for ``local``, ``model`` (a packaged
-model: ``qwen2.5-coder-0.5b``, ``smollm2-135m``, ``qwen2.5-coder-1.5b``; or a chat GGUF
-file's path; ``path`` is the same for a file). :func:`build_model` turns a spec (and one of
-its URLs) into a LangChain chat model.
+(:data:`PENALTIES`) and, for ``local``, ``model`` (a packaged model:
+``qwen2.5-coder-1.5b``, the default; ``smollm2-135m``; ``qwen2.5-coder-0.5b``; or a chat
+GGUF file's path; ``path`` is the same for a file). :func:`build_model` turns a spec (and
+one of its URLs) into a LangChain chat model.
 """
 
 from __future__ import annotations

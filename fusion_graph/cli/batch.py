@@ -27,7 +27,7 @@ from fusion_graph.batch.evaluate import STRATEGY_NAMES
 from fusion_graph.batch.metrics import EXTRACTORS, get_extractor
 from fusion_graph.batch.pool import FUSOR_TEMPERATURE, JUDGE_MAX_TOKENS
 from fusion_graph.batch.ray import EvalJob, SynthJob, eval_on_ray, synth_on_ray
-from fusion_graph.batch.report import EvalReport, plot_scores, summary_lines, write_results
+from fusion_graph.batch.report import EvalReport, plot_scores, write_results
 from fusion_graph.batch.store import CandidateStore
 from fusion_graph.batch.synth import SynthReport
 from fusion_graph.cli.errors import err
@@ -431,5 +431,3 @@ def eval_command(
         interrupted="Everything generated is in the store: rerun to resume.",
     )
     eval_summary(report, paths, baseline)
-    for line in summary_lines(report):
-        typer.echo(line)

@@ -37,7 +37,13 @@ from fusion_graph.batch.data import (
 )
 from fusion_graph.batch.evaluate import STRATEGY_NAMES, Evaluator, run_eval
 from fusion_graph.batch.models import Defaults, JobStats
-from fusion_graph.batch.report import TABLE_HEADER, EvalReport, ItemResult, table_rows
+from fusion_graph.batch.report import (
+    TABLE_HEADER,
+    EvalReport,
+    ItemResult,
+    summary_lines,
+    table_rows,
+)
 from fusion_graph.batch.synth import Synthesizer, SynthReport, run_synth
 from fusion_graph.cli.errors import CliError, err, fail
 from fusion_graph.models import ModelSpec
@@ -295,6 +301,8 @@ def eval_summary(report: EvalReport, paths: dict[str, Path], baseline: str) -> N
         natural = Measurement.get(out, out.options.update_width(10_000), scores).maximum
         console = Console(file=out.file, width=max(out.width, natural))
     console.print(scores)
+    for line in summary_lines(report):
+        console.print(line, markup=False, highlight=False)
     rows = [("items failed", str(len(report.failed)))]
     table = summary(report.stats, rows)
     for key, path in paths.items():

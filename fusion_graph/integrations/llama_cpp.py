@@ -82,7 +82,7 @@ _CONSTRAINED_OPTIONS = ("response_format", "logprobs", "top_logprobs")
 class ChatLocalModel(BlockingChatModel):
     """A LangChain chat model running a GGUF model in-process with llama.cpp.
 
-    By default it runs Qwen2.5-Coder-0.5B-Instruct (``docs/models.md`` compares the packaged
+    By default it runs Qwen2.5-Coder-1.5B-Instruct (``docs/models.md`` compares the packaged
     models: accuracy, loops, speed, memory). Safe to call
     from any number of threads and coroutines; calls on the same model file are serialised.
     :meth:`sample_n` / :meth:`asample_n` generate N candidates of one prompt in a single
@@ -93,9 +93,9 @@ class ChatLocalModel(BlockingChatModel):
     """Replies follow an OpenAI-style ``response_format`` JSON schema (llama.cpp grammar)."""
 
     model: str = Field(default_factory=default_model)
-    """A packaged model's name (``qwen2.5-coder-0.5b``, the default; ``smollm2-135m``, the
-    fastest; ``qwen2.5-coder-1.5b``, see ``docs/models.md``) or the path of a chat GGUF file.
-    Unset: ``$FUSION_GRAPH_LOCAL_MODEL``, else the default."""
+    """A packaged model's name (``qwen2.5-coder-1.5b``, the default; ``smollm2-135m``, the
+    fastest; ``qwen2.5-coder-0.5b``, in between; see ``docs/models.md``) or the path of a
+    chat GGUF file. Unset: ``$FUSION_GRAPH_LOCAL_MODEL``, else the default."""
     model_path: str | None = None
     """Path of a chat GGUF file; when set it is used instead of ``model``."""
     temperature: float = Field(default=0.7, ge=0.0)

