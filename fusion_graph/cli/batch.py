@@ -71,6 +71,14 @@ Timeout = Annotated[
 ]
 Retries = Annotated[int, typer.Option(min=0, help="Retries of a failed call (with backoff).")]
 Limit = Annotated[int | None, typer.Option(min=1, help="Only the first K prompts.")]
+Shard = Annotated[
+    str | None,
+    typer.Option(
+        help="I/K: only prompts whose id hashes to shard I of K (run K jobs, e.g. on K "
+        "machines, each with its own output; or split a set, e.g. 0/2 to tune and 1/2 to "
+        "report)."
+    ),
+]
 Fusor = Annotated[
     str | None,
     typer.Option(
@@ -174,13 +182,7 @@ def synth(
         ),
     ] = None,
     limit: Limit = None,
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            help="I/K: only prompts whose id hashes to shard I of K (run K jobs, e.g. on "
-            "K machines, each with its own output; concatenate the outputs)."
-        ),
-    ] = None,
+    shard: Shard = None,
     prompt_field: Annotated[str, typer.Option(help="Column holding the prompt.")] = "prompt",
     id_field: Annotated[str, typer.Option(help="Column holding the id.")] = "id",
     ray: UseRay = False,
@@ -327,6 +329,7 @@ def eval_command(
         Path | None, typer.Option(help="Candidate store (SQLite). Default: OUT/store.sqlite.")
     ] = None,
     limit: Limit = None,
+    shard: Shard = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Items in flight.")] = 2,
     endpoint_concurrency: EndpointConcurrency = None,
     temperature: Annotated[
@@ -366,7 +369,7 @@ def eval_command(
         ns, names = parse_ns(n), parse_strategies(strategies, baseline)
         extract = usage(get_extractor, extractor)
         rule = usage(lambda _: EarlyStop(early_stop_threshold, early_stop_round), "")
-        items, _ = read_items(dataset, Columns(), limit, None)
+        items, _ = read_items(dataset, Columns(), limit, shard)
         store_path = store or out_dir / "store.sqlite"
         job = EvalJob(
             models=specs,
@@ -401,6 +404,7 @@ def eval_command(
                 "command": f"fusion-graph eval {command}" if command is not None else None,
                 "dataset": dataset,
                 "items": len(items),
+                "shard": shard,
                 "n": ns,
                 "strategies": names,
                 "baseline": baseline,
