@@ -202,8 +202,16 @@ class _Connection(asyncio.Protocol):
 
     # use
 
+    @property
+    def usable(self) -> bool:
+        """Open, and not being closed (the server's FIN may be read before
+        ``connection_lost`` runs)."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     def send(self, data: bytes) -> asyncio.Future[HttpReply]:
-        assert self.transport is not None
+        if self.transport is None or not self.usable:
+            msg = "the connection closed before the request was sent"
+            raise ProtocolError(msg)
         self.waiter = asyncio.get_running_loop().create_future()
         self.answered = False
         self.transport.write(data)
@@ -248,7 +256,7 @@ class AsyncOrigin:
             connection = None
             while self._idle and connection is None:
                 idle = self._idle.pop()
-                connection = None if idle.closed else idle  # closed while idle: dropped
+                connection = idle if idle.usable else None  # closed while idle: dropped
             if connection is None:
                 connection = await self._connect()
             return await self._exchange(connection, data)
@@ -259,7 +267,7 @@ class AsyncOrigin:
         except BaseException:
             connection.close()  # cancelled, timed out or broken: the server sees us go
             raise
-        if connection.reusable and not connection.closed:
+        if connection.reusable and connection.usable:
             self._idle.append(connection)
         else:
             connection.close()

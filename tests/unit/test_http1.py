@@ -6,6 +6,7 @@ connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ class RawServer:
         self.close_after: int | None = None
         """Close each connection after this many answers (without saying so)."""
         self.connections = 0
+        self.open: set[socket.socket] = set()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -53,10 +55,11 @@ class RawServer:
             except OSError:
                 return
             self.connections += 1
+            self.open.add(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):  # the client (or close()) ended it
             buffer = b""
             count = 0
             while True:
@@ -79,6 +82,10 @@ class RawServer:
                     return
 
     def close(self) -> None:
+        """Stop listening (waking the accepting thread) and end every connection."""
+        for sock in [self.sock, *self.open]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 

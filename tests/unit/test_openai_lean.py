@@ -7,7 +7,9 @@ connections of each event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,11 +91,21 @@ class Server:
 def server() -> Iterator[Server]:
     fake = Server()
 
+    sockets: set[socket.socket] = set()
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, format: str, *args: Any) -> None:
             return
+
+        def setup(self) -> None:
+            super().setup()
+            sockets.add(self.connection)
+
+        def finish(self) -> None:
+            sockets.discard(self.connection)
+            super().finish()
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -120,6 +132,11 @@ def server() -> Iterator[Server]:
     finally:
         http.shutdown()
         http.server_close()
+        # Kept-alive connections end with the server: a later test's server may get this
+        # port, and a client's pooled connection must not reach this one's handlers.
+        for sock in list(sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         forget_endpoint(fake.base_url)
 
 
@@ -199,7 +216,15 @@ class Verdict(BaseModel):
     score: int
 
 
-def test_structured_output_by_json_schema_works_on_the_lean_path(
+def test_structured_output_by_a_json_schema_takes_the_lean_path(server: Server, mode: Mode) -> None:
+    schema = {"title": "Verdict", "type": "object", "properties": {"score": {"type": "integer"}}}
+    structured = model(server).with_structured_output(schema, method="json_schema")
+    assert mode.invoke(structured, "Rate this.") == {"score": 0}
+    sent = server.bodies[0]["response_format"]["json_schema"]["schema"]
+    assert sent["properties"] == schema["properties"]
+
+
+def test_structured_output_by_a_pydantic_class_is_parsed_by_the_sdk(
     server: Server, mode: Mode
 ) -> None:
     structured = model(server).with_structured_output(Verdict, method="json_schema")
