@@ -57,7 +57,7 @@ def _default_gguf() -> Path:
         msg = (
             f"{exc} Or pass --gguf with the model file (in the main virtualenv: "
             "`.venv/bin/python -c 'from fusion_graph.integrations.llama_cpp_models import "
-            "resolve_model_file; print(resolve_model_file(\"smollm2-135m\"))'`)."
+            'resolve_model_file; print(resolve_model_file("smollm2-135m"))\'`).'
         )
         raise SystemExit(msg) from exc
 
