@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--ignore-n", action="store_true")
-    parser.add_argument("--sync", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--out", default=None, help="also write the raw profile here")
@@ -28,22 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     with fake_server(0.1, honour_n=not args.ignore_n) as base_url:
         runnable = build(args.strategy, base_url, args.n)
         profiler = cProfile.Profile()
-        if args.sync:
-            runnable.invoke("q")  # warm-up
+
+        async def runs() -> None:
+            await runnable.ainvoke("q")  # warm-up
             profiler.enable()
             for _ in range(args.runs):
-                runnable.invoke("q")
+                await runnable.ainvoke("q")
             profiler.disable()
-        else:
 
-            async def runs() -> None:
-                await runnable.ainvoke("q")  # warm-up
-                profiler.enable()
-                for _ in range(args.runs):
-                    await runnable.ainvoke("q")
-                profiler.disable()
-
-            asyncio.run(runs())
+        asyncio.run(runs())
     if args.out:
         profiler.dump_stats(args.out)
     stats = pstats.Stats(profiler)
