@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -38,8 +42,9 @@ def close_delimited(_: int) -> bytes:
 class RawServer:
     """Answers each request (read up to its body) with ``reply``; counts connections."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
         self.reply = reply
+        self.tls = tls
         self.close_after: int | None = None
         """Close each connection after this many answers (without saying so)."""
         self.connections = 0
@@ -59,6 +64,9 @@ class RawServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            with contextlib.suppress(OSError):
+                conn = self.tls.wrap_socket(conn, server_side=True)
         with conn, contextlib.suppress(OSError):  # the client (or close()) ended it
             buffer = b""
             count = 0
@@ -179,3 +187,46 @@ def test_a_timeout_closes_the_connection(serve: Callable[[Reply], RawServer], mo
             post_twice(mode, server, timeout_s=0.05)
     finally:
         gate.set()
+
+
+@pytest.fixture
+def tls_server(tmp_path: Any) -> Iterator[tuple[RawServer, ssl.SSLContext]]:
+    """A RawServer behind TLS with a self-signed certificate for 127.0.0.1, and a client
+    context that trusts it (skipped without the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = [
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+        *("-keyout", str(key), "-out", str(cert)),
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    server = RawServer(content_length, server_side)
+    client_side = ssl.create_default_context(cafile=str(cert))
+    try:
+        yield server, client_side
+    finally:
+        server.close()
+
+
+def test_https_origins_speak_tls(tls_server: tuple[RawServer, ssl.SSLContext], mode: Mode) -> None:
+    server, context = tls_server
+    origin = Origin.of(f"https://127.0.0.1:{server.port}/v1")
+
+    def sync() -> list[bytes]:
+        client = SyncOrigin(origin, context)
+        replies = [client.post("/v1/x", {}, b"{}", timeout_s=5).body for _ in range(2)]
+        client.close()
+        return replies
+
+    async def run() -> list[bytes]:
+        client = AsyncOrigin(origin, context)
+        replies = [(await client.post("/v1/x", {}, b"{}", timeout_s=5)).body for _ in range(2)]
+        client.close()
+        return replies
+
+    assert mode.call(sync, run) == [b"hello", b"hello"]
+    assert server.connections == 1
