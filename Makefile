@@ -9,7 +9,9 @@ BIN    := $(VENV)/bin
 EXTRAS := dev,cli,local,openai,otel,server,agents,serve,ray
 PHOENIX_VENV := .venv-phoenix
 STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
-QUESTION ?= What is the capital of France, and what is it famous for?
+# The demo question, chosen by the recorded eval (docs/eval.md): of the report half's items,
+# the one where FusioN@4 was right with the fewest right candidates (1 of 4, seed 0).
+QUESTION ?= How many legs does an insect have? Answer with a number.
 # llama.cpp built for the native CPU uses its AMX kernels where the CPU lists amx_tile, and
 # on such (virtual) machines they crash on the first batched decode (general protection
 # fault at ldtilecfg in ggml_backend_amx_mul_mat). There, build for the same x86-64 features
@@ -33,8 +35,8 @@ $(STAMP): pyproject.toml requirements/qwen2.5-coder-1.5b.txt
 	touch $@
 
 demo: setup
-	$(BIN)/fusion-graph ask --n 4 --show-candidates "$(QUESTION)"
-	$(BIN)/fusion-graph ask --n 4 --strategy best-of-n --selector vote "$(QUESTION)"
+	$(BIN)/fusion-graph ask --n 4 --seed 0 --show-candidates "$(QUESTION)"
+	$(BIN)/fusion-graph ask --n 4 --seed 0 --strategy best-of-n --selector judge "$(QUESTION)"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -25,7 +25,8 @@ from fusion_graph.integrations.repeat_guard import repeated_sentences
 
 pytestmark = pytest.mark.integration
 
-DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
+DEMO_QUESTION = "How many legs does an insect have? Answer with a number."  # make demo's
+OPEN_QUESTION = "What is the capital of France, and what is it famous for?"  # a long answer
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,10 @@ def _eval_prompts(count: int) -> list[str]:
 
 
 def test_no_fused_answer_repeats_a_sentence(llm: ChatLocalModel) -> None:
-    """Over the demo question and 20 eval prompts, no fused answer (nor any candidate) says
-    a sentence three times or more."""
+    """Over the demo question, an open question and 20 eval prompts, no fused answer (nor
+    any candidate) says a sentence three times or more."""
     fused = fusion_of_n(llm, n=4, fusor=llm.bind(temperature=0.2), seed=0)
-    prompts = [DEMO_QUESTION, *_eval_prompts(20)]
+    prompts = [DEMO_QUESTION, OPEN_QUESTION, *_eval_prompts(20)]
 
     async def run_all() -> list[tuple[str, list[str]]]:
         out = []
