@@ -1,11 +1,11 @@
-"""How the fusor behaved in an `fusion-graph eval` run: loops, echoes of the prompt's own
-wording, replies cut at max_tokens, and accuracy against the candidates it was given.
+"""A closer look at an `fusion-graph eval` run: how the fusor behaved (loops, echoes of the
+prompt's own wording, replies cut at max_tokens, accuracy against the candidates it was
+given) and each strategy's accuracy per category of the built-in set.
 
-    .venv/bin/python scripts/fusor_report.py eval-results     # the eval's --out directory
+    .venv/bin/python scripts/eval_breakdown.py eval-results     # the eval's --out directory
 
-Reads the run's store (every fusor reply, with its finish reason) and answers.jsonl (each
-item's fused answer at each N and whether its candidates were right, by the `contains`
-matcher). Prints one table per N.
+Reads the run's store (every fusor reply, with its finish reason) and answers.jsonl (every
+answer and candidate, right or not by the `contains` matcher). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import re
 import sqlite3
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from fusion_graph.batch.data import builtin_eval_set, read_prompts
 from fusion_graph.integrations.repeat_guard import repeated_sentences
 
 ECHO = re.compile(
@@ -51,9 +53,14 @@ def main() -> None:
     for text in echoed[:5]:
         print(f"  echo: {str(text)[:100]!r}")
 
+    items = [json.loads(line) for line in (args.out / "answers.jsonl").read_text().splitlines()]
+    fusor_table(items)
+    category_table(items)
+
+
+def fusor_table(items: list[dict[str, Any]]) -> None:
     by_n: dict[int, Counter[str]] = {}
-    for line in (args.out / "answers.jsonl").read_text().splitlines():
-        item = json.loads(line)
+    for item in items:
         right = [bool(c.get("contains")) for c in item["candidates"]]
         for answer in item["answers"]:
             if answer["strategy"] != "fusion" or answer["contains"] is None:
@@ -84,6 +91,35 @@ def main() -> None:
             f"| {c['mean candidate right'] / k:.1%} | {c['right, no candidate right']} "
             f"| {c['wrong, some candidate right']} | {c['wrong, every candidate right']} |"
         )
+
+
+def category_table(items: list[dict[str, Any]]) -> None:
+    """Each strategy's contains-accuracy per category at the largest N (and single)."""
+    category = {i.id: str(i.extra.get("category")) for i in read_prompts(builtin_eval_set()).items}
+    top = max(int(a["n"]) for item in items for a in item["answers"])
+    right: dict[str, Counter[str]] = {}
+    counts: Counter[str] = Counter()
+    for item in items:
+        group = category.get(item["id"], "other")
+        counts[group] += 1
+        for answer in item["answers"]:
+            n = int(answer["n"])
+            if (answer["strategy"] == "single" or n == top) and answer["contains"] is not None:
+                key = (
+                    answer["strategy"]
+                    if answer["strategy"] == "single"
+                    else f"{answer['strategy']}@{n}"
+                )
+                right.setdefault(key, Counter())[group] += bool(answer["contains"])
+        right.setdefault(f"oracle@{top}", Counter())[group] += bool(
+            item["oracle"][str(top)]["contains"]
+        )
+    groups = sorted(counts)
+    print(f"\n| strategy | {' | '.join(f'{g} ({counts[g]})' for g in groups)} |")
+    print(f"|---|{'---|' * len(groups)}")
+    for key, hits in right.items():
+        cells = " | ".join(f"{hits[g] / counts[g]:.0%}" for g in groups)
+        print(f"| {key} | {cells} |")
 
 
 if __name__ == "__main__":
