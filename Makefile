@@ -20,7 +20,7 @@ LLAMA_CMAKE_ARGS := $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo 
 	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON)
 
-.PHONY: model-0.5b setup demo test test-fast test-server lint typecheck bench bench-vllm clean phoenix vllm postgres
+.PHONY: model-0.5b setup demo test test-fast test-server lint typecheck bench bench-openai bench-vllm clean phoenix vllm postgres
 
 setup: $(STAMP)
 
@@ -86,6 +86,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+# The OpenAI-compatible backend against a loopback fake server: every path at N=4/16/64,
+# sync and async, n honoured and ignored, as ratios to the ideal and to a raw-HTTP floor.
+bench-openai: setup
+	$(BIN)/python -m benchmarks.openai_backend
 
 clean:
 	rm -rf $(VENV) $(PHOENIX_VENV) .venv-vllm .cache/smollm2-hf .pytest_cache .mypy_cache .ruff_cache
