@@ -46,13 +46,12 @@ from fusion_graph.messages import ChatContract, check_reply, to_messages
 from fusion_graph.models import ModelSpec
 from fusion_graph.nodes.fanout import FanOut
 from fusion_graph.nodes.generator import Generator
-from fusion_graph.nodes.verdicts import takes_json_schema
+from fusion_graph.nodes.verdicts import JUDGE_MAX_TOKENS, takes_json_schema
 from fusion_graph.runtime import Caller, run_sync
 from fusion_graph.types import Candidate
 
 REPLAYED_KEY = "fusion_graph_replayed"
 """``response_metadata`` key set (True) on a reply read from the store."""
-JUDGE_MAX_TOKENS = 48
 """Tokens a judge may answer with unless its spec says max_tokens= (a JSON verdict)."""
 FUSOR_TEMPERATURE = 0.2
 """The fusor's temperature unless its spec sets one (judges: 0)."""

@@ -28,6 +28,7 @@ from fusion_graph.cli.tracing import finish_tracing, start_tracing
 from fusion_graph.integrations.llama_cpp_models import DEFAULT_MODEL, MODEL_ENV, PACKAGED_MODELS
 from fusion_graph.models import ModelSpec, build_model
 from fusion_graph.nodes.judges import make_selector
+from fusion_graph.nodes.verdicts import JUDGE_MAX_TOKENS
 from fusion_graph.types import Candidate, FusionResult, TokenUsage
 from fusion_graph.wrap import FusionRunnable, StepOptions, best_of_n, fusion_of_n
 
@@ -277,7 +278,7 @@ def ask(
         if strategy is StrategyName.fusion:
             runnable = fusion_of_n(llm, n=n, fusor=decider, **options)
         else:
-            judge = llm.bind(temperature=0.0)
+            judge = llm.bind(temperature=0.0, max_tokens=min(max_tokens, JUDGE_MAX_TOKENS))
             vote = make_selector(selector.value, judge, early_stop=early_stop)
             runnable = best_of_n(llm, n=n, selector=vote, **options)
         display = RunDisplay(n, err)

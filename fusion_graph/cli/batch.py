@@ -25,7 +25,7 @@ import typer
 from fusion_graph.batch.data import BUILTIN, Columns
 from fusion_graph.batch.evaluate import STRATEGY_NAMES
 from fusion_graph.batch.metrics import EXTRACTORS, get_extractor
-from fusion_graph.batch.pool import FUSOR_TEMPERATURE, JUDGE_MAX_TOKENS
+from fusion_graph.batch.pool import FUSOR_TEMPERATURE
 from fusion_graph.batch.ray import EvalJob, SynthJob, eval_on_ray, synth_on_ray
 from fusion_graph.batch.report import EvalReport, plot_scores, write_results
 from fusion_graph.batch.store import CandidateStore
@@ -47,6 +47,7 @@ from fusion_graph.cli.jobs import (
 )
 from fusion_graph.models import ModelSpec
 from fusion_graph.nodes.select import EarlyStop
+from fusion_graph.nodes.verdicts import JUDGE_MAX_TOKENS
 
 
 class SelectorChoice(StrEnum):

@@ -28,6 +28,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableBinding
 
 __all__ = [
+    "JUDGE_MAX_TOKENS",
     "JUDGE_SCHEMA",
     "PAIRWISE_SCHEMA",
     "TOP_LOGPROBS",
@@ -36,6 +37,10 @@ __all__ = [
     "reports_logprobs",
     "takes_json_schema",
 ]
+
+JUDGE_MAX_TOKENS = 48
+"""New tokens for a verdict made by a command (``ask``, ``eval``, ``synth``): the score (the
+schema's first field) and a one-sentence rationale."""
 
 TOP_LOGPROBS = 10
 """Alternatives asked for at each token: enough to hold every score digit."""
