@@ -83,9 +83,9 @@ class ModelChoice:
             except ValueError as exc:
                 raise CliError(str(exc), code=2) from exc
         msg = (
-            f"--model {model} is not a local model ({', '.join(PACKAGED_MODELS)}, a .gguf "
-            "file or local:OPTS); for a server's model add --base-url, the URL of an "
-            "OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1)."
+            f"--model {model} needs --base-url, the URL of an OpenAI-compatible server (e.g. "
+            "http://127.0.0.1:8000/v1), unless it names an embedded model: "
+            f"{', '.join(PACKAGED_MODELS)}, a .gguf file or local:OPTS."
         )
         raise CliError(msg, code=2)
 
