@@ -53,7 +53,9 @@ def test_judge_that_answers_garbage_falls_back(llm: ChatLocalModel) -> None:
         system='Reply with JSON only: {"best": <the year this reply was written>}.',
         user="Conversation:\n{conversation}\n\nReply:\n{candidate}",
     )
-    judge = LLMJudge(llm.bind(temperature=0.0), prompt=index_prompt)
+    # Unconstrained: under the verdict's JSON schema (the default on this model) every reply
+    # holds a valid score, whatever the prompt asks for.
+    judge = LLMJudge(llm.bind(temperature=0.0), prompt=index_prompt, constrained=False)
     result = best_of_n(llm, n=2, selector=judge, seed=3).run(QUESTION)
     decision = result.decision
     assert decision.fallback and decision.method == "majority_vote"
