@@ -1,9 +1,10 @@
 """Shared by the examples: pick the model from the command line.
 
-With no options the examples run the embedded local model (SmolLM2-135M-Instruct on
-llama.cpp: CPU only, no network, demo-grade answers). ``--base-url URL --model NAME``
-uses any OpenAI-compatible server instead (vLLM, llama.cpp server, hosted APIs); its key
-is read from ``--api-key-env`` (default ``OPENAI_API_KEY``).
+With no options the examples run the embedded local model (Qwen2.5-Coder-1.5B-Instruct on
+llama.cpp, CPU only, no network; ``FUSION_GRAPH_LOCAL_MODEL=smollm2-135m`` for the fast
+one). ``--base-url URL --model NAME`` uses any OpenAI-compatible server instead (vLLM,
+llama.cpp server, hosted APIs); its key is read from ``--api-key-env`` (default
+``OPENAI_API_KEY``).
 """
 
 from __future__ import annotations
