@@ -28,7 +28,7 @@ from langchain_core.language_models import BaseChatModel
 from fusion_graph.integrations.llama_cpp_models import (
     PACKAGED_MODELS,
     default_model,
-    resolve_model_file,
+    model_file,
 )
 
 Kind = Literal["local", "openai", "vllm"]
@@ -241,11 +241,8 @@ def build_model(
             raise ImportError(msg) from exc
         local: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
         chosen = options.get("model", options.get("path")) or default_model()
-        if chosen in PACKAGED_MODELS:
-            resolve_model_file(chosen)  # a clear error now if it is not installed
-            local["model"] = chosen
-        else:
-            local["model"] = str(Path(chosen).expanduser())
+        model_file(chosen)  # a clear error now if it is not installed or not there
+        local["model"] = chosen if chosen in PACKAGED_MODELS else str(Path(chosen).expanduser())
         if top_p is not None:
             local["top_p"] = top_p
         if seed is not None:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -37,10 +36,10 @@ from fusion_graph.integrations.chat_template import to_chat
 from fusion_graph.integrations.llama_cpp_batch import sample_batch
 from fusion_graph.integrations.llama_cpp_loader import LoadedModel, cpu_count, load_model
 from fusion_graph.integrations.llama_cpp_models import (
-    PACKAGED_MODELS,
     default_model,
     default_model_path,
-    resolve_model_file,
+    model_display_name,
+    model_file,
 )
 from fusion_graph.integrations.llama_cpp_sampling import (
     MAX_SEED,
@@ -124,12 +123,7 @@ class ChatLocalModel(BlockingChatModel):
     @model_validator(mode="after")
     def _default_name(self) -> ChatLocalModel:
         if not self.model_name:
-            if self.model_path is not None:
-                self.model_name = Path(self.model_path).stem
-            elif self.model in PACKAGED_MODELS:
-                self.model_name = PACKAGED_MODELS[self.model].display_name
-            else:
-                self.model_name = Path(self.model).stem
+            self.model_name = model_display_name(self.model_path or self.model)
         return self
 
     @property
@@ -160,16 +154,7 @@ class ChatLocalModel(BlockingChatModel):
     # -- configuration ------------------------------------------------------------------------
 
     def _loaded(self) -> LoadedModel:
-        if self.model_path is None and self.model in PACKAGED_MODELS:
-            path = resolve_model_file(self.model)
-        else:
-            path = Path(self.model_path or self.model).expanduser()
-            if not path.is_file():
-                msg = (
-                    f"The model file {path} does not exist; pass the path of a chat GGUF file "
-                    f"or one of the packaged models: {', '.join(PACKAGED_MODELS)}."
-                )
-                raise FileNotFoundError(msg)
+        path = model_file(self.model_path or self.model)
         n_threads = self.n_threads or cpu_count()
         return load_model(str(path.resolve()), self.n_ctx, n_threads)
 

@@ -36,6 +36,8 @@ __all__ = [
     "default_model",
     "default_model_path",
     "model_cache_dir",
+    "model_display_name",
+    "model_file",
     "packaged_model",
     "resolve_model_file",
 ]
@@ -135,6 +137,33 @@ def packaged_model(key: str) -> PackagedModel:
             f"{', '.join(PACKAGED_MODELS)}, or pass the path of a chat GGUF file."
         )
         raise ValueError(msg) from None
+
+
+def model_file(name: str) -> Path:
+    """The GGUF file ``name`` stands for: a packaged model's verified file
+    (:func:`resolve_model_file`), or the chat GGUF file at that path.
+
+    Raises:
+        FileNotFoundError: ``name`` is neither a packaged model nor an existing file.
+        ImportError / RuntimeError: as :func:`resolve_model_file`.
+    """
+    if name in PACKAGED_MODELS:
+        return resolve_model_file(name)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        msg = (
+            f"The model file {path} does not exist; pass the path of a chat GGUF file "
+            f"or one of the packaged models: {', '.join(PACKAGED_MODELS)}."
+        )
+        raise FileNotFoundError(msg)
+    return path
+
+
+def model_display_name(name: str) -> str:
+    """The name reported for the model ``name`` stands for: a packaged model's own name, else
+    the GGUF file's stem."""
+    model = PACKAGED_MODELS.get(name)
+    return model.display_name if model is not None else Path(name).stem
 
 
 def model_cache_dir() -> Path:
