@@ -176,7 +176,8 @@ def model_cache_dir() -> Path:
     return Path(base) / "fusion-graph"
 
 
-_VERIFIED: set[Path] = set()
+_RESOLVED: dict[str, Path] = {}
+"""The packaged models this process has verified, by name: later calls skip every lookup."""
 _VERIFY_LOCK = threading.Lock()
 
 
@@ -196,14 +197,14 @@ def resolve_model_file(key: str) -> Path:
         RuntimeError: the file's SHA-256 is not the pinned one.
     """
     model = packaged_model(key)
-    parts = [_data_file(model, dist) for dist in model.distributions]
     with _VERIFY_LOCK:
+        if key in _RESOLVED:
+            return _RESOLVED[key]
+        parts = [_data_file(model, dist) for dist in model.distributions]
         if model.split:
             path = model_cache_dir() / "models" / f"{model.display_name}-{model.sha256[:12]}.gguf"
         else:
             path = parts[0]
-        if path in _VERIFIED:
-            return path
         stamp = model_cache_dir() / "models" / f"{model.display_name}-{model.sha256[:12]}.verified"
         if path.is_file() and path.stat().st_size == model.size:
             if not _stamp_matches(stamp, path):
@@ -214,7 +215,7 @@ def resolve_model_file(key: str) -> Path:
             _write_stamp(stamp, path)
         else:
             _check(model, path, _sha256_of([path]))
-        _VERIFIED.add(path)
+        _RESOLVED[key] = path
         return path
 
 
