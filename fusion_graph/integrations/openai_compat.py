@@ -71,7 +71,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -155,6 +155,10 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
     endpoint's limit as it is (64 on loopback, 16 elsewhere, unless someone named one); a
     number replaces that default, and the smallest limit any model names for one base URL
     wins."""
+    io_on_event_loop: ClassVar[bool] = True
+    """Its async calls do their I/O on the event loop, so fusion-graph's sync API calls it
+    with ``ainvoke`` on its background loop rather than with ``invoke`` on a thread per
+    request (:func:`fusion_graph.runtime.does_io_on_event_loop`)."""
     max_tokens_key: Literal["max_tokens", "max_completion_tokens"] | None = None
     """The request field carrying ``max_tokens``. None: ``max_completion_tokens`` for
     api.openai.com, ``max_tokens`` elsewhere (what vLLM, llama.cpp and most servers read)."""

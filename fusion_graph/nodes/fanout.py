@@ -425,7 +425,7 @@ class _Run:
                     return await task  # type: ignore[no-any-return]
 
             result: CallResult[list[AIMessage | Exception]] = await self.caller.call(
-                sample, asample
+                sample, asample, model=model
             )
             if result.error is not None:
                 # One failed request must not cost every candidate: make them one by one.

@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from langchain_core.messages import BaseMessage
-from langchain_core.runnables import Runnable, RunnableBinding
+from langchain_core.runnables import Runnable
+
+from fusion_graph.runtime import inner_model
 
 __all__ = [
     "JUDGE_MAX_TOKENS",
@@ -67,17 +69,11 @@ PAIRWISE_SCHEMA: dict[str, Any] = {
 }
 
 
-def _inner_model(model: Runnable[Any, Any]) -> object:
-    while isinstance(model, RunnableBinding):
-        model = model.bound
-    return model
-
-
 def takes_json_schema(model: Runnable[Any, Any]) -> bool:
     """Whether ``model`` enforces an OpenAI-style ``response_format`` JSON schema: it says so
     (a ``takes_json_schema`` attribute, as the embedded model has), or it is a
     ``langchain_openai`` chat model."""
-    inner = _inner_model(model)
+    inner = inner_model(model)
     declared = getattr(inner, "takes_json_schema", None)
     if isinstance(declared, bool):
         return declared

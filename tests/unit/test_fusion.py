@@ -3,16 +3,20 @@ quorum, timeouts, retries, fallback, seeds and pools."""
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import Any, ClassVar
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableLambda
 from langgraph.types import RetryPolicy
+from pydantic import Field
 
 from fusion_graph import (
     DecisionError,
+    LLMJudge,
     NotEnoughCandidatesError,
+    best_of_n,
     fusion_of_n,
 )
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, FakeSamplingChatModel
@@ -365,3 +369,48 @@ def test_a_failed_multi_sample_call_whose_single_calls_fail_keeps_both_errors(
     assert result.candidates[0].error.message == "still down"
     assert result.candidates[0].multi_sample_error is not None
     assert result.candidates[0].multi_sample_error.message == "batch lost"
+
+
+class _LoopNative(FakeChatModel):
+    """A fake that says its async calls do their I/O on the event loop (as
+    ChatOpenAICompatible does); it records the thread of each call and which path it took."""
+
+    io_on_event_loop: ClassVar[bool] = True
+    seen: list[tuple[str, str]] = Field(default_factory=list)
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(("invoke", threading.current_thread().name))
+        return super()._generate(*args, **kwargs)
+
+    async def _agenerate(self, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(("ainvoke", threading.current_thread().name))
+        return await super()._agenerate(*args, **kwargs)
+
+
+def test_sync_api_calls_a_loop_native_model_on_the_event_loop() -> None:
+    # Candidates and judge calls (a bound model: the judge binds its options) take ainvoke
+    # on the sync API's one background loop, not a worker thread each; the gather still
+    # keeps every call in flight at once.
+    rec = CallRecorder()
+    gen = _LoopNative(replies=ANSWERS, recorder=rec, delay=0.05)
+    judge = _LoopNative(replies=['{"score": 7, "rationale": "fine"}'], recorder=rec)
+    result = best_of_n(gen, n=8, selector=LLMJudge(judge)).run("q?")
+    assert len(result.candidates) == 8
+    assert result.decision.method == "llm_judge:fake-chat"  # judged, no fallback
+    for model in (gen, judge):
+        assert {path for path, _ in model.seen} == {"ainvoke"}
+        assert {thread for _, thread in model.seen} == {"fusion-graph-loop"}
+    assert rec.max_in_flight == 8
+
+
+def test_sync_api_calls_other_models_on_worker_threads() -> None:
+    gen = FakeChatModel(replies=ANSWERS)
+    seen: list[str] = []
+
+    def sample(value: Any) -> AIMessage:
+        seen.append(threading.current_thread().name)
+        return gen.invoke(value)
+
+    result = fusion_of_n(RunnableLambda(sample), n=4, fusor=FakeChatModel()).run("q?")
+    assert len(result.candidates) == 4
+    assert all(name.startswith("fusion-graph_") for name in seen)

@@ -323,9 +323,18 @@ def test_separate_requests_of_a_fan_out_are_all_in_flight_at_once(
 
 def test_each_event_loop_has_its_own_connections_closed_at_shutdown(server: Server) -> None:
     llm = model(server)
+    loops = []
+
+    async def call() -> str:
+        text = (await llm.ainvoke("Hi")).text
+        loops.append(asyncio.get_running_loop())
+        assert loop_clients.LOOPS[loops[-1]].origins  # this loop's own connections
+        return text
+
     for _ in range(3):
-        assert asyncio.run(llm.ainvoke("Hi")).text == '{"score": 0}'
-    assert not [loop for loop, entry in loop_clients.LOOPS.items() if entry.origins]
+        assert asyncio.run(call()) == '{"score": 0}'
+    assert len(set(map(id, loops))) == 3
+    assert not [loop for loop in loops if loop in loop_clients.LOOPS]
 
 
 @pytest.mark.parametrize(
