@@ -136,7 +136,10 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     The coroutine runs on a shared background event loop; the calling thread waits. (A
     sync call made from a coroutine already on that loop runs on a loop of its own in a
-    helper thread instead, so it cannot block the loop it waits for.)
+    helper thread instead, so it cannot block the loop it waits for.) When the wait is
+    interrupted (Ctrl-C), the coroutine is cancelled and the interruption raised once it
+    has ended, so it leaves nothing running or queued behind (interrupt again to stop
+    waiting for that).
     """
     ctx = contextvars.copy_context()
     if _PORTAL.on_loop_thread():
@@ -146,11 +149,16 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
             raise exc.original from None
     loop = _PORTAL.loop()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
+    ended = threading.Event()
+    tasks: list[asyncio.Task[T]] = []
 
     def start() -> None:
+        if done.cancelled():
+            ended.set()
+            return
         task = loop.create_task(make(), context=ctx)
-        task.add_done_callback(lambda t: _settle(t, done))
-        done.add_done_callback(lambda _: task.cancel() if done.cancelled() else None)
+        tasks.append(task)
+        task.add_done_callback(lambda t: _settle(t, done, ended))
 
     loop.call_soon_threadsafe(start)
     try:
@@ -158,11 +166,17 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except CallAborted as exc:
         raise exc.original from None
     except BaseException:
-        done.cancel()  # e.g. KeyboardInterrupt in the caller: stop the run as well
+        # e.g. KeyboardInterrupt in the caller: stop the run as well, on its own loop
+        if done.cancel():
+            loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
+            ended.wait()
         raise
 
 
-def _settle(task: asyncio.Task[T], done: concurrent.futures.Future[T]) -> None:
+def _settle(
+    task: asyncio.Task[T], done: concurrent.futures.Future[T], ended: threading.Event
+) -> None:
+    ended.set()
     if done.cancelled():
         return
     if task.cancelled():

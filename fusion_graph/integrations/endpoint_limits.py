@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import threading
 from collections import deque
@@ -252,6 +253,7 @@ def endpoint_key(base_url: str | None) -> str:
     return (base_url or DEFAULT_BASE_URL).rstrip("/")
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(base_url: str | None) -> bool:
     """Whether ``base_url`` names a server on this machine: ``localhost`` or a loopback
     address (``127.0.0.0/8``, ``::1``); a host name is never resolved."""

@@ -4,44 +4,38 @@ closed.
 A connection belongs to the event loop that opened it: reused from another loop, or after
 its loop closed, it breaks ("Event loop is closed"). So each event loop gets its own:
 
-* **connections** of the lean request path, one
-  :class:`~fusion_graph.integrations.http1.AsyncOrigin` per origin (:func:`async_origin`);
+* **HTTP session** of the lean request path: one ``aiohttp.ClientSession``, whose
+  connection pool keeps connections alive per host (:func:`http_session`);
 * **copies** of the models that still go through the SDK (streams and the other cases the
   lean path leaves to it), each with an HTTP client of its own (:func:`copy_for`,
   :func:`keep_copy`).
 
 When a loop shuts down (``asyncio.run`` and ``asyncio.Runner`` call
 ``loop.shutdown_asyncgens`` before closing it), an async generator started on it closes that
-loop's connections and copies. A copy whose model is gone is closed when the next copy is made
+loop's session and copies. A copy whose model is gone is closed when the next copy is made
 on its loop; the entries of loops closed without that shutdown are dropped (their sockets
-close when collected) when the next copy or connection set is made on any loop. So repeated
+close when collected) when the next copy or session is made on any loop. So repeated
 ``asyncio.run`` calls keep no loops, clients or connections alive.
-
-Blocking requests share one :class:`~fusion_graph.integrations.http1.SyncOrigin` per origin,
-for the whole process (:func:`sync_origin`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from fusion_graph.integrations.http1 import AsyncOrigin, Origin, SyncOrigin
+import aiohttp
 
 __all__ = [
     "LOOPS",
     "Closer",
     "LoopEntry",
-    "async_origin",
     "copy_for",
-    "forget_sync_origin",
+    "http_session",
     "keep_copy",
-    "sync_origin",
 ]
 
 Closer = Callable[[Any], Awaitable[None]]
@@ -50,25 +44,24 @@ Closer = Callable[[Any], Awaitable[None]]
 
 @dataclass(eq=False)
 class LoopEntry:
-    """One event loop's connections and model copies, and the async generator that closes
+    """One event loop's HTTP session and model copies, and the async generator that closes
     them when the loop shuts down."""
 
     copies: dict[int, tuple[weakref.ref[Any], Any, Closer]] = field(default_factory=dict)
     """``id(model)`` -> (the model, weakly; its copy; how to close the copy)."""
-    origins: dict[Origin, AsyncOrigin] = field(default_factory=dict)
-    """The lean path's connections, per origin."""
+    session: aiohttp.ClientSession | None = None
+    """The lean path's connections."""
     watcher: AsyncGenerator[None, None] | None = None
     dropped: bool = False
     """Set when the loop closed without shutting its async generators down."""
 
 
-# _LOCK guards LOOPS and _SYNC_ORIGINS. An entry holds its loop alive (through its clients'
-# connections and its watcher), so entries are removed explicitly: when the loop shuts down,
-# or, for a loop closed without that, at the next copy or connection set made on any loop.
+# _LOCK guards LOOPS. An entry holds its loop alive (through its clients' connections and its
+# watcher), so entries are removed explicitly: when the loop shuts down, or, for a loop
+# closed without that, at the next copy or session made on any loop.
 _LOCK = threading.Lock()
 LOOPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopEntry] = weakref.WeakKeyDictionary()
 """The entries of the event loops that have any (read it, do not change it)."""
-_SYNC_ORIGINS: dict[Origin, SyncOrigin] = {}
 
 
 async def _watch(entry: LoopEntry) -> AsyncGenerator[None, None]:
@@ -87,9 +80,9 @@ async def _close_entry(loop: asyncio.AbstractEventLoop, entry: LoopEntry) -> Non
             del LOOPS[loop]
         copies = [(copy, close) for _, copy, close in entry.copies.values()]
         entry.copies.clear()
-        origins, entry.origins = list(entry.origins.values()), {}
-    for origin in origins:
-        origin.close()
+        session, entry.session = entry.session, None
+    if session is not None:
+        await session.close()
     for copy, close in copies:
         await close(copy)
 
@@ -99,13 +92,23 @@ def _drop(entry: LoopEntry) -> None:
     collected) and finish its watcher without running anything on the loop."""
     entry.dropped = True
     entry.copies.clear()
-    entry.origins = {}
+    session, entry.session = entry.session, None
+    if session is not None:
+        # On a closed loop, aiohttp closes nothing and awaits nothing: one step marks the
+        # session closed (so it does not warn of itself when collected).
+        _finish_at_once(session.close())
     watcher, entry.watcher = entry.watcher, None
-    if watcher is None:
-        return
-    closing = watcher.aclose()  # _watch awaits nothing once dropped: one step finishes it
-    with contextlib.suppress(StopIteration):
+    if watcher is not None:
+        _finish_at_once(watcher.aclose())  # _watch awaits nothing once dropped
+
+
+def _finish_at_once(closing: Coroutine[Any, Any, Any]) -> None:
+    """Run ``closing`` without a loop, as far as its first real wait (normally to its end)."""
+    try:
         closing.send(None)
+    except StopIteration:
+        return
+    closing.close()
 
 
 def _entry(loop: asyncio.AbstractEventLoop) -> tuple[LoopEntry, list[LoopEntry], bool]:
@@ -130,18 +133,24 @@ async def _settle(entry: LoopEntry, closed: list[LoopEntry], new_watcher: bool) 
         await entry.watcher.__anext__()
 
 
-async def async_origin(origin: Origin) -> AsyncOrigin:
-    """The running loop's connections to ``origin`` (made on first use)."""
+async def http_session() -> aiohttp.ClientSession:
+    """The running loop's HTTP session (made on first use)."""
     loop = asyncio.get_running_loop()
     with _LOCK:
         entry = LOOPS.get(loop)
-        found = entry.origins.get(origin) if entry is not None else None
-        if found is not None:
-            return found
+        if entry is not None and entry.session is not None:
+            return entry.session
         entry, closed, new_watcher = _entry(loop)
-        found = entry.origins[origin] = AsyncOrigin(origin)
+        if entry.session is None:
+            entry.session = aiohttp.ClientSession(
+                # Requests in flight are bounded per endpoint by EndpointLimiter: the pool
+                # adds no bound of its own.
+                connector=aiohttp.TCPConnector(limit=0),
+                cookie_jar=aiohttp.DummyCookieJar(),  # an API client keeps no cookies
+            )
+        session = entry.session
     await _settle(entry, closed, new_watcher)
-    return found
+    return session
 
 
 def copy_for(model: object) -> Any | None:
@@ -164,20 +173,3 @@ async def keep_copy(model: object, copy: object, close: Closer) -> None:
     await _settle(entry, closed, new_watcher)
     for _, old, close_old in stale:
         await close_old(old)
-
-
-def sync_origin(origin: Origin) -> SyncOrigin:
-    """The process's blocking connections to ``origin``, shared by every thread."""
-    with _LOCK:
-        found = _SYNC_ORIGINS.get(origin)
-        if found is None:
-            found = _SYNC_ORIGINS[origin] = SyncOrigin(origin)
-        return found
-
-
-def forget_sync_origin(origin: Origin) -> None:
-    """Close the idle blocking connections to ``origin`` and forget them."""
-    with _LOCK:
-        found = _SYNC_ORIGINS.pop(origin, None)
-    if found is not None:
-        found.close()

@@ -27,11 +27,12 @@ Concurrency
 
 Requests
     A request that is not streamed goes out on a lean path
-    (:mod:`~fusion_graph.integrations.openai_requests` over
-    :mod:`~fusion_graph.integrations.http1`): the payload langchain-openai builds, as JSON,
-    on this process's own keep-alive connections to the endpoint, and the answer read back
+    (:mod:`~fusion_graph.integrations.openai_requests`): the payload langchain-openai builds,
+    as JSON, on an ``aiohttp`` session of the event loop's own, and the answer read back
     with langchain-openai's own parsing; the same messages, metadata, exception classes and
-    retries (``max_retries``) as through the SDK, for about a tenth of the client CPU. When
+    retries (``max_retries``) as through the SDK, for about a tenth of the client CPU. A
+    blocking call (``invoke``) sends it from fusion-graph's background event loop, so sync
+    and async callers share one connection pool. When
     no callback handler is attached (no LangSmith tracing, no handler in the call's config,
     none from a configure hook), ``invoke``, ``ainvoke`` and ``sample_n`` call
     ``_generate`` directly, without langchain-core's run bookkeeping
@@ -48,7 +49,7 @@ Timing
 
 Event loops
     A connection belongs to the event loop that opened it, so each event loop has its own:
-    the lean path's connections, and for what still goes through the SDK a copy of the model
+    the lean path's HTTP session, and for what still goes through the SDK a copy of the model
     with its own HTTP client (unless you pass ``http_async_client``, which is then yours to
     manage). They are closed when the loop shuts down (``asyncio.run`` and
     ``asyncio.Runner`` do that before closing the loop), so repeated ``asyncio.run`` calls
@@ -91,17 +92,11 @@ from fusion_graph.integrations.endpoint_limits import (
     forget_limiter,
     is_loopback,
 )
-from fusion_graph.integrations.http1 import Origin
-from fusion_graph.integrations.loop_clients import (
-    async_origin,
-    copy_for,
-    forget_sync_origin,
-    keep_copy,
-    sync_origin,
-)
+from fusion_graph.integrations.loop_clients import copy_for, http_session, keep_copy
 from fusion_graph.integrations.openai_fanout import ChatOpenAIFanOut, forget_ignores_n
-from fusion_graph.integrations.openai_requests import ChatRequest, apost, build_request, post
+from fusion_graph.integrations.openai_requests import ChatRequest, apost, build_request
 from fusion_graph.integrations.untraced import STRUCTURED_OUTPUT_KEYS, finish, unobserved
+from fusion_graph.runtime import run_sync
 
 __all__ = [
     "ChatOpenAICompatible",
@@ -128,8 +123,6 @@ def forget_endpoint(base_url: str | None) -> None:
     ignores ``n``. Useful when a server is restarted with other settings, and in tests."""
     forget_limiter(base_url)
     forget_ignores_n(endpoint_key(base_url))
-    with contextlib.suppress(ValueError):  # not an http(s) URL: no connections were made
-        forget_sync_origin(Origin.of(endpoint_key(base_url)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +200,8 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         if key is not None and not isinstance(key, SecretStr):
             return None  # a callable key: the SDK knows when to call it
         base_url = self.endpoint
-        if any(os.environ.get(v) for v in _PROXY_VARIABLES) and not _is_loopback(base_url):
-            return None
+        if not _is_loopback(base_url) and any(os.environ.get(v) for v in _PROXY_VARIABLES):
+            return None  # the session of the lean path reads no proxy settings
         return build_request(
             payload,
             base_url=base_url,
@@ -283,18 +276,13 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
     ) -> ChatResult:
         payload = self._get_request_payload(messages, stop=stop, **kwargs)
         request = self._lean_request(payload)
+        if request is not None:
+            return run_sync(lambda: self._lean_call(request, payload))
         queued = time.perf_counter()
-        if request is None:
-            with self.limiter.slot():
-                start = time.perf_counter()
-                result = super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
-                return _timed(result, start - queued, time.perf_counter() - start)
-        origin = sync_origin(request.origin)
         with self.limiter.slot():
             start = time.perf_counter()
-            data = post(origin, request)
-            latency = time.perf_counter() - start
-        return _timed(self._lean_result(data, payload), start - queued, latency)
+            result = super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+            return _timed(result, start - queued, time.perf_counter() - start)
 
     async def _agenerate(
         self,
@@ -305,20 +293,24 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
     ) -> ChatResult:
         payload = self._get_request_payload(messages, stop=stop, **kwargs)
         request = self._lean_request(payload)
-        if request is None:
-            twin = await self._for_this_loop()
-            queued = time.perf_counter()
-            async with self.limiter.aslot():
-                start = time.perf_counter()
-                result = await super(ChatOpenAICompatible, twin)._agenerate(
-                    messages, stop=stop, run_manager=run_manager, **kwargs
-                )
-                return _timed(result, start - queued, time.perf_counter() - start)
-        origin = await async_origin(request.origin)
+        if request is not None:
+            return await self._lean_call(request, payload)
+        twin = await self._for_this_loop()
         queued = time.perf_counter()
         async with self.limiter.aslot():
             start = time.perf_counter()
-            data = await apost(origin, request)
+            result = await super(ChatOpenAICompatible, twin)._agenerate(
+                messages, stop=stop, run_manager=run_manager, **kwargs
+            )
+            return _timed(result, start - queued, time.perf_counter() - start)
+
+    async def _lean_call(self, request: ChatRequest, payload: dict[str, Any]) -> ChatResult:
+        """Send a request of the lean path on the running loop's session, holding a slot."""
+        session = await http_session()
+        queued = time.perf_counter()
+        async with self.limiter.aslot():
+            start = time.perf_counter()
+            data = await apost(session, request)
             latency = time.perf_counter() - start
         return _timed(self._lean_result(data, payload), start - queued, latency)
 

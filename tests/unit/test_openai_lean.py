@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import threading
@@ -323,18 +324,36 @@ def test_separate_requests_of_a_fan_out_are_all_in_flight_at_once(
 
 def test_each_event_loop_has_its_own_connections_closed_at_shutdown(server: Server) -> None:
     llm = model(server)
-    loops = []
+    loops: list[asyncio.AbstractEventLoop] = []
+    sessions = []
 
     async def call() -> str:
         text = (await llm.ainvoke("Hi")).text
         loops.append(asyncio.get_running_loop())
-        assert loop_clients.LOOPS[loops[-1]].origins  # this loop's own connections
+        sessions.append(loop_clients.LOOPS[loops[-1]].session)  # this loop's own
         return text
 
     for _ in range(3):
         assert asyncio.run(call()) == '{"score": 0}'
-    assert len(set(map(id, loops))) == 3
+    assert len({id(s) for s in sessions}) == 3
+    assert all(s is not None and s.closed for s in sessions)
     assert not [loop for loop in loops if loop in loop_clients.LOOPS]
+
+
+def test_a_loop_closed_without_shutting_down_is_dropped_quietly(
+    server: Server, recwarn: pytest.WarningsRecorder
+) -> None:
+    llm = model(server)
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(llm.ainvoke("Hi")).text == '{"score": 0}'
+    session = loop_clients.LOOPS[loop].session
+    loop.close()  # no shutdown_asyncgens: its entry waits for the next loop to drop it
+    assert asyncio.run(llm.ainvoke("Hi")).text == '{"score": 0}'
+    assert loop not in loop_clients.LOOPS
+    assert session is not None and session.closed  # so it does not warn when collected
+    del session
+    gc.collect()
+    assert not [w for w in recwarn if "Unclosed client session" in str(w.message)]
 
 
 @pytest.mark.parametrize(
