@@ -61,6 +61,7 @@ class RawServer:
         self.close_after: int | None = None
         """Close each connection after this many answers (without saying so)."""
         self.connections = 0
+        self.connected = threading.Event()
         self.client_closed = threading.Event()
         self.open: set[socket.socket] = set()
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -78,6 +79,7 @@ class RawServer:
             except OSError:
                 return
             self.connections += 1
+            self.connected.set()
             self.open.add(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -193,3 +195,33 @@ def test_a_timeout_closes_the_connection(serve: Callable[[Reply], RawServer], mo
     # The late answer is written, then the server reads on: a connection kept for reuse
     # would leave it waiting for the next request; a closed one ends its read.
     assert server.client_closed.wait(2), "the client kept the timed-out connection"
+
+
+def test_a_cancelled_request_closes_its_connection(serve: Callable[[Reply], RawServer]) -> None:
+    # What a run's per-attempt timeout does to a candidate (sync runs too: they await this
+    # model's ainvoke on their event loop).
+    gate = threading.Event()
+
+    def slow(n: int) -> bytes:
+        gate.wait(5)
+        return content_length(n)
+
+    server = serve(slow)
+    llm = model(server)
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(llm.ainvoke("Hi"))
+        assert await asyncio.to_thread(server.connected.wait, 2)
+        await asyncio.sleep(0.05)  # the request is sent and waits for its answer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        # Still on the loop, whose session would keep a connection it meant to reuse.
+        closed = await asyncio.to_thread(server.client_closed.wait, 2)
+        assert closed, "the client kept the cancelled request's connection"
+
+    try:
+        asyncio.run(cancelled())
+    finally:
+        gate.set()
