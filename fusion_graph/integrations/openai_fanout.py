@@ -27,7 +27,7 @@ import contextvars
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from langchain_core.language_models import LanguageModelInput
@@ -143,11 +143,22 @@ class ChatOpenAIFanOut(ChatOpenAI):
                 if not self._learn_rejects_n(exc):
                     raise
         missing = range(len(replies), k)
-        quiet = unobserved(self, ensure_config()) if missing else False  # once for them all
-        replies += await asyncio.gather(
-            *(self._asingle(messages_, seeds[i], kwargs, quiet) for i in missing)
-        )
+        if missing:
+            quiet = unobserved(self, ensure_config())  # once for them all
+            replies += await self._aseparate(messages_, [seeds[i] for i in missing], kwargs, quiet)
         return replies
+
+    async def _aseparate(
+        self,
+        messages: list[BaseMessage],
+        seeds: Sequence[int | None],
+        kwargs: dict[str, Any],
+        quiet: bool,
+    ) -> list[AIMessage | Exception]:
+        """One request per seed, all at once (a subclass may build them more cheaply)."""
+        return list(
+            await asyncio.gather(*(self._asingle(messages, seed, kwargs, quiet) for seed in seeds))
+        )
 
     def _remember_ignores_n(self) -> None:
         with _REGISTRY_LOCK:
@@ -282,11 +293,17 @@ class ChatOpenAIFanOut(ChatOpenAI):
         self, messages: list[BaseMessage], seed: int | None, kwargs: dict[str, Any], quiet: bool
     ) -> AIMessage | Exception:
         call = self._call_kwargs(seed, kwargs, 1)
+        return await self._aone(seed, lambda: self._achat(messages, call, quiet))
+
+    async def _aone(
+        self, seed: int | None, send: Callable[[], Awaitable[list[ChatGeneration]]]
+    ) -> AIMessage | Exception:
+        """The reply of one request of one seed that ``send`` makes (its error, if it fails)."""
         start = time.perf_counter()
         try:
-            generations = await self._achat(messages, call, quiet)
+            generations = await send()
             return self._one(generations, seed, time.perf_counter() - start)
-        except Exception as exc:
+        except Exception as exc:  # one candidate's failure is that candidate's
             return exc
 
     def _one(

@@ -368,6 +368,18 @@ def test_server_ignoring_n_still_yields_n_candidates(server: FakeServer, mode: M
     assert server.ns() == [2, None]
 
 
+def test_separate_requests_to_a_server_without_seeds_carry_none(
+    server: FakeServer, mode: Mode
+) -> None:
+    server.behaviour = "ignore"
+    llm = model(server, supports_n=False, supports_seed=False)
+    replies = replies_of(mode, llm, [1, 2, 3])
+    assert all(isinstance(r, AIMessage) for r in replies), replies
+    assert ["seed" in b for b in server.chat()] == [False, False, False]
+    assert [b["messages"] for b in server.chat()] == [server.chat()[0]["messages"]] * 3
+    assert [r.response_metadata["seed"] for r in replies] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     ("param", "message"),
     [
