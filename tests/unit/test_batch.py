@@ -9,10 +9,7 @@ import csv
 import json
 import re
 import sqlite3
-import threading
 from collections import Counter
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +56,7 @@ from fusion_graph.models import ModelSpec
 from fusion_graph.nodes.judges import combine_verdicts
 from fusion_graph.nodes.select import MajorityVote
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel, FakeSamplingChatModel
+from tests.unit.jobs_fakes import FakeOpenAI, pairwise_judge, pointwise_or_pairwise
 
 runner = CliRunner()
 
@@ -618,16 +616,6 @@ def test_win_rate_counts_ties_as_half() -> None:
     assert win_rate(0, 0, 0) is None
 
 
-def pairwise_judge(call: FakeCall) -> str:
-    """Prefers the fenced candidate that mentions Paris."""
-    blocks = dict(re.findall(r'<candidate label="([AB])">\n(.*?)\n</candidate>', call.prompt, re.S))
-    if "Paris" in blocks.get("A", "") and "Paris" not in blocks.get("B", ""):
-        return '{"winner": "A"}'
-    if "Paris" in blocks.get("B", "") and "Paris" not in blocks.get("A", ""):
-        return '{"winner": "B"}'
-    return '{"winner": "tie"}'
-
-
 def test_judge_pair_asks_both_orders_and_skips_identical_answers() -> None:
     recorder = CallRecorder()
     judge = FakeChatModel(replies=pairwise_judge, recorder=recorder)
@@ -647,13 +635,6 @@ def test_judge_pair_asks_both_orders_and_skips_identical_answers() -> None:
 # --- evaluation ---------------------------------------------------------------------------------
 
 GEN = {0: "It is Lyon.", 1: "Paris", 2: "Paris!", 3: "Marseille"}
-
-
-def pointwise_or_pairwise(call: FakeCall) -> str:
-    if "Candidate A" in call.prompt:
-        return pairwise_judge(call)
-    fenced = call.prompt.split("<candidate", 1)[-1]
-    return '{"score": 9}' if "Paris" in fenced else '{"score": 2}'
 
 
 def evaluator(
@@ -751,77 +732,7 @@ def test_write_results_and_plot(tmp_path: Path) -> None:
 # --- both commands against a fake OpenAI-compatible server ---------------------------------------
 
 
-class FakeOpenAI:
-    """A loopback chat-completions server: replies depend on the model name and seed; the
-    model "broken" answers HTTP 500. Counts requests by model."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[str] = Counter()
-        self.bodies: list[dict[str, Any]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                return None
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests[body["model"]] += 1
-                server.bodies.append(body)
-                status, payload = server.reply(body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        model = body["model"]
-        if model == "broken":
-            return 500, {"error": {"message": "boom", "type": "server_error"}}
-        text = " ".join(str(m["content"]) for m in body["messages"])
-        n = int(body.get("n") or 1)
-        seed = int(body.get("seed") or 0)
-        if model == "judge":
-            call = FakeCall([HumanMessage(text)], "judge", None, {})
-            contents = [pointwise_or_pairwise(call)] * n
-        elif model == "fusor":
-            contents = ["The answer is Paris."] * n
-        else:
-            contents = [
-                f"{model} answer {'Paris' if (seed + k) % 2 else 'Lyon'} {seed + k}"
-                for k in range(n)
-            ]
-        choices = [
-            {"index": k, "message": {"role": "assistant", "content": c}, "finish_reason": "stop"}
-            for k, c in enumerate(contents)
-        ]
-        usage = {"prompt_tokens": 10, "completion_tokens": 4 * n, "total_tokens": 10 + 4 * n}
-        return 200, {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 0,
-            "model": model,
-            "choices": choices,
-            "usage": usage,
-        }
-
-
-@pytest.fixture
-def server() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    fake.thread.start()
-    yield fake
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
-
-
-def test_synth_command_end_to_end_and_replay(server: FakeOpenAI, tmp_path: Path) -> None:
+def test_synth_command_end_to_end_and_replay(jobs_server: FakeOpenAI, tmp_path: Path) -> None:
     prompts = write_jsonl(
         tmp_path / "p.jsonl",
         [{"id": f"q{i}", "prompt": f"Question {i}?", "language_code": "en"} for i in range(3)],
@@ -829,10 +740,10 @@ def test_synth_command_end_to_end_and_replay(server: FakeOpenAI, tmp_path: Path)
     out, store = tmp_path / "out.jsonl", tmp_path / "store.sqlite"
     args = [
         "synth", str(prompts), "-o", str(out), "--store", str(store),
-        "-t", f"openai:{server.url}:alpha",
-        "-t", f"vllm:{server.url}:beta:seed=1,name=B",
-        "-t", f"openai:{server.url}:broken",
-        "--fusor", f"openai:{server.url}:fusor", "--selector", "vote",
+        "-t", f"openai:{jobs_server.url}:alpha",
+        "-t", f"vllm:{jobs_server.url}:beta:seed=1,name=B",
+        "-t", f"openai:{jobs_server.url}:broken",
+        "--fusor", f"openai:{jobs_server.url}:fusor", "--selector", "vote",
         "--retries", "0", "--concurrency", "2",
     ]  # fmt: skip
     result = runner.invoke(app, args)
@@ -845,15 +756,15 @@ def test_synth_command_end_to_end_and_replay(server: FakeOpenAI, tmp_path: Path)
     assert row["BoN_selector"] == "majority_vote" and row["Fusion"] == "The answer is Paris."
     assert row["language_code"] == "en"
     assert "rows written" in result.stderr and "teacher failures" in result.stderr
-    assert server.requests["alpha"] == 3 and server.requests["fusor"] == 3
+    assert jobs_server.requests["alpha"] == 3 and jobs_server.requests["fusor"] == 3
     first_text = out.read_text()
 
-    before, broken = sum(server.requests.values()), server.requests["broken"]
+    before, broken = sum(jobs_server.requests.values()), jobs_server.requests["broken"]
     again = runner.invoke(app, [*args[:3], str(tmp_path / "replay.jsonl"), *args[4:]])
     assert again.exit_code == 0, again.output
     # Only the broken teacher (a failure is never stored) is asked again.
-    assert server.requests["broken"] > broken
-    assert sum(server.requests.values()) - before == server.requests["broken"] - broken
+    assert jobs_server.requests["broken"] > broken
+    assert sum(jobs_server.requests.values()) - before == jobs_server.requests["broken"] - broken
     replay = [json.loads(line) for line in (tmp_path / "replay.jsonl").read_text().splitlines()]
     key = lambda r: (r["id"], r["alpha"], r["B"], r["BoN"], r["Fusion"])  # noqa: E731
     assert sorted(map(key, replay)) == sorted(map(key, rows))
@@ -864,15 +775,15 @@ def test_synth_command_end_to_end_and_replay(server: FakeOpenAI, tmp_path: Path)
 
 
 def test_synth_command_reports_prompts_whose_teachers_all_failed(
-    server: FakeOpenAI, tmp_path: Path
+    jobs_server: FakeOpenAI, tmp_path: Path
 ) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?"}])
     out = tmp_path / "o.jsonl"
     result = runner.invoke(
         app,
         [
-            "synth", str(prompts), "-o", str(out), "-t", f"openai:{server.url}:broken",
-            "--fusor", f"openai:{server.url}:fusor", "--selector", "vote", "--retries", "0",
+            "synth", str(prompts), "-o", str(out), "-t", f"openai:{jobs_server.url}:broken",
+            "--fusor", f"openai:{jobs_server.url}:fusor", "--selector", "vote", "--retries", "0",
         ],
     )  # fmt: skip
     assert result.exit_code == 1
@@ -907,7 +818,7 @@ def test_synth_command_missing_file_and_mismatched_output(tmp_path: Path) -> Non
 
 
 def test_eval_command_end_to_end_with_a_vllm_pool_and_replay(
-    server: FakeOpenAI, tmp_path: Path
+    jobs_server: FakeOpenAI, tmp_path: Path
 ) -> None:
     data = write_jsonl(
         tmp_path / "d.jsonl",
@@ -916,13 +827,13 @@ def test_eval_command_end_to_end_with_a_vllm_pool_and_replay(
     )  # fmt: skip
     out = tmp_path / "res"
     args = [
-        "eval", str(data), "-m", f"vllm:{server.url}:gen", "--n", "4,1,2",
-        "--judge", f"openai:{server.url}:judge", "--fusor", f"openai:{server.url}:fusor",
+        "eval", str(data), "-m", f"vllm:{jobs_server.url}:gen", "--n", "4,1,2",
+        "--judge", f"openai:{jobs_server.url}:judge", "--fusor", f"openai:{jobs_server.url}:fusor",
         "--out", str(out), "--retries", "0",
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    generation = [b for b in server.bodies if b["model"] == "gen"]
+    generation = [b for b in jobs_server.bodies if b["model"] == "gen"]
     assert [b["n"] for b in generation] == [4, 4]  # one request per prompt, n = max(N)
     assert "strategy" in result.stdout and "oracle" in result.stdout
     data_out = json.loads((out / "eval.json").read_text())
@@ -934,10 +845,10 @@ def test_eval_command_end_to_end_with_a_vllm_pool_and_replay(
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "eval.csv").exists() and (out / "answers.jsonl").exists()
 
-    before = sum(server.requests.values())
+    before = sum(jobs_server.requests.values())
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert sum(server.requests.values()) == before  # every call replayed from the store
+    assert sum(jobs_server.requests.values()) == before  # every call replayed from the store
     assert json.loads((out / "eval.json").read_text())["scores"] == data_out["scores"]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from fusion_graph.cli import app
 from fusion_graph.nodes.select import EarlyStop, MajorityVote
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel
 from fusion_graph.types import Candidate
-from tests.unit.test_batch import FakeOpenAI
+from tests.unit.jobs_fakes import FakeOpenAI
 
 PROMPT = "Capital of France?"  # 3 words: the fake model's prompt tokens
 
@@ -373,19 +372,10 @@ def test_paired_bootstrap_mean_and_interval() -> None:
 # --- the eval command's early-stop options --------------------------------------------------------
 
 
-@pytest.fixture
-def fake_server() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    fake.thread.start()
-    yield fake
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
-
-
-def test_eval_command_takes_the_early_stop_rule(fake_server: FakeOpenAI, tmp_path: Path) -> None:
+def test_eval_command_takes_the_early_stop_rule(jobs_server: FakeOpenAI, tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"id": "fr", "prompt": "Capital?", "reference": "Paris"}) + "\n")
-    url = fake_server.url
+    url = jobs_server.url
     printed: list[str] = []
 
     def run(*extra: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import asyncio
 import csv
 import json
 import math
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,8 @@ from fusion_graph.nodes.judges import LLMJudge, PairwiseJudge
 from fusion_graph.nodes.select import MajorityVote
 from fusion_graph.testing import CallRecorder, FakeCall, FakeChatModel
 from fusion_graph.types import Candidate
-from tests.unit.test_batch import FakeOpenAI, handle, item, write_jsonl
+from tests.unit.jobs_fakes import FakeOpenAI
+from tests.unit.test_batch import handle, item, write_jsonl
 
 # --- the bootstrap ------------------------------------------------------------------------------
 
@@ -430,17 +430,8 @@ def test_llm_judge_keeps_both_scores_and_selects_by_its_scoring() -> None:
 # --- the command and the plot ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def server() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    fake.thread.start()
-    yield fake
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
-
-
 def test_eval_command_prints_the_paired_tests_and_the_judges(
-    server: FakeOpenAI, tmp_path: Path
+    jobs_server: FakeOpenAI, tmp_path: Path
 ) -> None:
     data = write_jsonl(
         tmp_path / "d.jsonl",
@@ -449,8 +440,8 @@ def test_eval_command_prints_the_paired_tests_and_the_judges(
     )  # fmt: skip
     out = tmp_path / "res"
     args = [
-        "eval", str(data), "-m", f"vllm:{server.url}:gen", "--n", "1,2",
-        "--judge", f"openai:{server.url}:judge", "--fusor", f"openai:{server.url}:fusor",
+        "eval", str(data), "-m", f"vllm:{jobs_server.url}:gen", "--n", "1,2",
+        "--judge", f"openai:{jobs_server.url}:judge", "--fusor", f"openai:{jobs_server.url}:fusor",
         "--out", str(out), "--retries", "0",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
