@@ -404,12 +404,18 @@ class Caller:
                 awaitable = loop.run_in_executor(THREAD_POOL, ctx.run, _guarded, sync_fn)
             if self.timeout is None:
                 return await awaitable
+            deadline = asyncio.timeout(self.timeout)
             try:
-                async with asyncio.timeout(self.timeout):
+                async with deadline:
                     return await awaitable
-            except TimeoutError:
+            except Exception as exc:
+                # Past the deadline, the attempt timed out, whatever the cancelled call raised
+                # on its way out (an HTTP client whose own timeout, passed down from ours, fired
+                # in the same loop iteration raises its own error class).
+                if not deadline.expired():
+                    raise
                 msg = f"call did not finish within {self.timeout:g} s"
-                raise TimeoutError(msg) from None
+                raise TimeoutError(msg) from (None if isinstance(exc, TimeoutError) else exc)
         except BaseException:
             stop.requested = True  # a blocking backend still working on it stops at once
             raise
