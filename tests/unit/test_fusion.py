@@ -3,6 +3,7 @@ quorum, timeouts, retries, fallback, seeds and pools."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any, ClassVar
 
@@ -186,6 +187,29 @@ def test_timeout_marks_slow_candidate_failed(mode: Mode) -> None:
     assert [c.ok for c in result.candidates] == [True, True, False]
     assert result.candidates[2].error is not None
     assert result.candidates[2].error.type == "TimeoutError"
+
+
+def test_a_call_that_fails_otherwise_when_cancelled_at_the_deadline_timed_out() -> None:
+    # An HTTP client's own timeout (the step passes its timeout down) can fire in the same
+    # loop iteration as the step's and surface as the client's error class: the attempt
+    # still timed out (and stays retryable as a timeout).
+    class OwnErrorWhenCancelled(FakeChatModel):
+        async def ainvoke(self, *args: Any, **kwargs: Any) -> Any:  # as the lean path does
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                raise ConnectionError("the client's own timeout") from None
+            raise AssertionError("not cancelled")
+
+    async def run() -> Any:
+        fused = fusion_of_n(OwnErrorWhenCancelled(), n=2, fusor=FakeChatModel(), timeout=0.05)
+        return await fused.arun("q?")
+
+    with pytest.raises(NotEnoughCandidatesError) as caught:
+        asyncio.run(run())
+    errors = [c.error for c in caught.value.candidates]
+    assert [e.type if e else None for e in errors] == ["TimeoutError", "TimeoutError"]
+    assert all("did not finish within 0.05 s" in e.message for e in errors if e)
 
 
 def test_retries_with_backoff(mode: Mode) -> None:
