@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -41,7 +42,39 @@ from fusion_graph.budget import Budget, BudgetSpentError
 
 T = TypeVar("T")
 
-THREAD_POOL = ThreadPoolExecutor(max_workers=512, thread_name_prefix="fusion-graph")
+
+class _ThreadPool(concurrent.futures.Executor):
+    """A ``ThreadPoolExecutor`` made on first use, and made afresh in a forked child (which
+    has the parent's pool but none of its threads: work handed to it would never run)."""
+
+    def __init__(self, max_workers: int) -> None:
+        self._max_workers = max_workers
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock, self._pool = threading.Lock(), None
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self._max_workers, thread_name_prefix="fusion-graph"
+                )
+            pool = self._pool
+        return pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
+THREAD_POOL: concurrent.futures.Executor = _ThreadPool(max_workers=512)
 """The one thread pool of fusion-graph: blocking model calls of every sync run (and the
 extra requests of an n-ignoring OpenAI-compatible backend) run here. Threads are made
 lazily and reused, so a run of N candidates does not pay for N thread starts; large,
@@ -51,12 +84,17 @@ because blocked model calls hold threads."""
 class _Portal:
     """One event loop on a daemon thread, started on first use, that runs the coroutines
     of every sync call. Cheaper than ``asyncio.run`` per call, which measurably delays
-    returning after a wide fan-out (about 50 ms at N=64, see benchmarks/README.md)."""
+    returning after a wide fan-out (about 50 ms at N=64, see benchmarks/README.md). A
+    forked child starts its own (it has the parent's loop but not the thread running it)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock, self._loop, self._thread = threading.Lock(), None, None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
