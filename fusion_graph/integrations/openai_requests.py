@@ -39,7 +39,6 @@ from langchain_openai.chat_models.base import (
     OpenAIRateLimitError,
     OpenAITimeoutError,
 )
-from multidict import CIMultiDictProxy
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from fusion_graph.runtime import retry_after_s
@@ -149,7 +148,7 @@ class _Reply:
     """A whole answer: status, headers and body."""
 
     status: int
-    headers: CIMultiDictProxy[str]
+    headers: Mapping[str, str]
     body: bytes
 
 
