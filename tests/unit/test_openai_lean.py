@@ -389,10 +389,18 @@ def test_the_sdk_sends_what_has_no_base_url_or_goes_through_a_proxy(
 def test_a_streaming_models_sdk_copies_are_closed_with_their_loop() -> None:
     with FakeOpenAI() as fake:
         llm = openai_compatible(fake.base_url, "fake", streaming=True, max_retries=0, timeout=10)
+        loops: list[asyncio.AbstractEventLoop] = []
+
+        async def call() -> str:
+            text = (await llm.ainvoke("Hi")).text
+            loops.append(asyncio.get_running_loop())
+            assert loop_clients.LOOPS[loops[-1]].copies  # this loop's own copy
+            return text
+
         for _ in range(3):
-            assert asyncio.run(llm.ainvoke("Hi")).text == reply_text(None, 0)
+            assert asyncio.run(call()) == reply_text(None, 0)
         assert [r.stream for r in fake.requests] == [True] * 3
-        assert not [loop for loop, entry in loop_clients.LOOPS.items() if entry.copies]
+        assert not [loop for loop in loops if loop in loop_clients.LOOPS]
         for _ in range(200):
             if fake.open_connections == 0:
                 break
