@@ -11,7 +11,9 @@ few for N=8 parallel candidates).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import os
@@ -92,9 +94,28 @@ class _Portal:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         os.register_at_fork(after_in_child=self._forget)
+        atexit.register(self.close)
 
     def _forget(self) -> None:
         self._lock, self._loop, self._thread = threading.Lock(), None, None
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Shut the loop down as ``asyncio.run`` would (at exit): its async generators are
+        closed first, so what was made on it closes its connections (the HTTP sessions and
+        clients of :mod:`fusion_graph.integrations.loop_clients`) instead of being found
+        unclosed when the interpreter ends."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None or not thread.is_alive() or loop.is_closed():
+            return
+        shutdown = asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop)
+        with contextlib.suppress(Exception):  # best effort: the process is ending
+            shutdown.result(timeout_s)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+        if not thread.is_alive():
+            loop.close()
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -225,3 +227,23 @@ def test_a_cancelled_request_closes_its_connection(serve: Callable[[Reply], RawS
         asyncio.run(cancelled())
     finally:
         gate.set()
+
+
+def test_a_script_that_made_sync_calls_exits_without_unclosed_clients(
+    serve: Callable[[Reply], RawServer],
+) -> None:
+    # A blocking invoke sends from the sync API's background loop, which lives as long as the
+    # process: at exit it is shut down like asyncio.run's, so aiohttp's session is closed
+    # rather than reported "Unclosed client session" while the interpreter ends.
+    server = serve(content_length)
+    script = (
+        "from fusion_graph.integrations.openai_compat import openai_compatible\n"
+        f"llm = openai_compatible({server.base_url!r}, 'm', max_retries=0, timeout=5)\n"
+        "print(llm.invoke('Hi').text)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "hello"), done.stderr
+    assert "Unclosed" not in done.stderr, done.stderr
+    assert server.client_closed.wait(2), "the connection was not closed at exit"
