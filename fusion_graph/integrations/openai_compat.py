@@ -69,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import os
 import time
@@ -179,6 +180,13 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
             payload["max_tokens"] = payload.pop("max_completion_tokens")
         if not self.supports_seed:
             payload.pop("seed", None)
+        if "messages" in payload:  # chat completions (not the Responses API)
+            # A field the SDK does not know (a server's own option, e.g. llama.cpp's
+            # repeat_penalty) goes in extra_body: the SDK sends it instead of raising
+            # TypeError, as the lean path, which sends the body as it is, always did.
+            own = {key: payload.pop(key) for key in list(payload) if key not in _sdk_fields()}
+            if own:
+                payload["extra_body"] = {**own, **(payload.get("extra_body") or {})}
         return payload
 
     # -- the lean path: no SDK, no callback bookkeeping nobody listens to ----------------------
@@ -390,6 +398,14 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
         )
         await keep_copy(self, twin, _close_twin)
         return twin
+
+
+@functools.cache
+def _sdk_fields() -> frozenset[str]:
+    """What the SDK's ``chat.completions.create`` takes (body fields and request options)."""
+    from openai.resources.chat import Completions  # installed: openai_fanout checks for it
+
+    return frozenset(inspect.signature(Completions.create).parameters)
 
 
 @functools.lru_cache(maxsize=256)

@@ -407,3 +407,25 @@ def test_a_streaming_models_sdk_copies_are_closed_with_their_loop() -> None:
             threading.Event().wait(0.01)
         assert fake.open_connections == 0
         forget_endpoint(fake.base_url)
+
+
+def test_a_servers_own_option_is_sent_by_the_sdk_too(mode: Mode) -> None:
+    # llama.cpp's repeat_penalty is no field of the SDK's: the lean path sends the body as it
+    # is, and a stream (through the SDK) now sends it in extra_body instead of raising.
+    with FakeOpenAI() as fake:
+        llm = openai_compatible(fake.base_url, "fake", max_retries=0, timeout=10)
+        options = llm.bind(repeat_penalty=1.1)
+        assert mode.invoke(options, "Hi").text == reply_text(None, 0)
+        streamed = mode.call(
+            lambda: "".join(c.text for c in options.stream("Hi")),
+            lambda: _joined(options.astream("Hi")),
+        )
+        assert streamed == reply_text(None, 0)
+        assert [(r.stream, r.body.get("repeat_penalty")) for r in fake.requests] == [
+            (False, 1.1),
+            (True, 1.1),
+        ]
+
+
+async def _joined(chunks: Any) -> str:
+    return "".join([c.text async for c in chunks])
