@@ -52,7 +52,6 @@ from fusion_graph.types import Candidate
 
 REPLAYED_KEY = "fusion_graph_replayed"
 """``response_metadata`` key set (True) on a reply read from the store."""
-"""Tokens a judge may answer with unless its spec says max_tokens= (a JSON verdict)."""
 FUSOR_TEMPERATURE = 0.2
 """The fusor's temperature unless its spec sets one (judges: 0)."""
 
