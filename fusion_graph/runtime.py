@@ -209,15 +209,17 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     loop = _PORTAL.loop()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
     ended = threading.Event()
-    tasks: list[asyncio.Task[T]] = []
 
     def start() -> None:
         if done.cancelled():
             ended.set()
             return
         task = loop.create_task(make(), context=ctx)
-        tasks.append(task)
         task.add_done_callback(lambda t: _settle(t, done, ended))
+        # Cancelled by the caller's thread: the task is cancelled on its own loop's.
+        done.add_done_callback(
+            lambda _: loop.call_soon_threadsafe(task.cancel) if done.cancelled() else None
+        )
 
     loop.call_soon_threadsafe(start)
     try:
@@ -227,7 +229,6 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except BaseException:
         # e.g. KeyboardInterrupt in the caller: stop the run as well, on its own loop
         if done.cancel():
-            loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
             ended.wait()
         raise
 
