@@ -184,7 +184,8 @@ class ChatOpenAICompatible(ChatOpenAIFanOut):
             # A field the SDK does not know (a server's own option, e.g. llama.cpp's
             # repeat_penalty) goes in extra_body: the SDK sends it instead of raising
             # TypeError, as the lean path, which sends the body as it is, always did.
-            own = {key: payload.pop(key) for key in list(payload) if key not in _sdk_fields()}
+            fields = _sdk_fields()
+            own = {key: payload.pop(key) for key in list(payload) if key not in fields}
             if own:
                 payload["extra_body"] = {**own, **(payload.get("extra_body") or {})}
         return payload
